@@ -1,0 +1,269 @@
+"""Find, read and write Mamba-1 checkpoints in both formats.
+
+* state-spaces: ``config.json`` (d_model …) + ``pytorch_model.bin`` (or ``model.safetensors``), keys
+  ``backbone.embedding.weight``, ``backbone.layers.N.{norm,mixer.*}``, ``backbone.norm_f.weight``, ``lm_head.weight``.
+* hf ("-hf"): ``config.json`` (hidden_size …) + ``model.safetensors`` (or sharded with
+  ``model.safetensors.index.json``), ``backbone.embeddings.weight``, lm_head tied and usually absent.
+
+Loading builds the model on the meta device and *assigns* each tensor as it is read (cast one tensor at a time),
+so at no point are two full copies of the weights in memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from .config import HF, STATE_SPACES, MambaConfig, read_config
+from .errors import UserError
+from .model import MambaLM
+
+WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
+                "pytorch_model.bin")
+HF_EMBED, SS_EMBED = "backbone.embeddings.weight", "backbone.embedding.weight"
+
+
+@dataclasses.dataclass
+class CheckpointInfo:
+    ref: str              # what the user gave (hub id or path)
+    path: Path            # local directory holding it
+    config: MambaConfig
+    config_format: str    # dialect of config.json: "state-spaces" or "hf"
+    weights_file: str     # which file of WEIGHT_FILES was found
+    weight_format: str    # key naming of the weights: "state-spaces" or "hf"
+
+
+# ---- locating ------------------------------------------------------------------------------------------------
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve(ref: str | os.PathLike) -> Path:
+    """A local directory, or a hub id fetched through huggingface_hub (honours HF_HUB_OFFLINE and the cache)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{path} is a file; --model takes a checkpoint directory (holding config.json)")
+        return path
+    ref = str(ref)
+    if not _HUB_ID.match(ref):
+        raise UserError(f"{ref} is neither an existing directory nor a hub id of the form owner/name")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+    except ImportError:
+        raise UserError(f"{ref} is not a local directory, and huggingface_hub is not installed to fetch it "
+                        "from the hub (pip install huggingface_hub)") from None
+    try:
+        return Path(snapshot_download(ref, allow_patterns=["*.json", "*.safetensors", "*.bin"]))
+    except LocalEntryNotFoundError:
+        raise UserError(f"cannot fetch {ref}: the hub cannot be reached (or HF_HUB_OFFLINE is set) and it is not "
+                        "in the local Hugging Face cache; download it on a connected machine or pass a local "
+                        "directory") from None
+    except RepositoryNotFoundError:
+        raise UserError(f"{ref} is not a model on the hub (or it is private: log in with `hf auth login`)") from None
+    except OSError as e:
+        raise UserError(f"cannot fetch {ref} from the hub: {e}") from None
+
+
+def inspect(ref: str | os.PathLike) -> CheckpointInfo:
+    """Find config and weights of a checkpoint and tell its format, without reading any weights."""
+    path = resolve(ref)
+    cfg_path = path / "config.json"
+    if not cfg_path.exists():
+        contents = ", ".join(sorted(p.name for p in path.iterdir())[:6]) or "it is empty"
+        raise UserError(f"{path} is not a Mamba checkpoint: it has no config.json ({contents})")
+    config, dialect = read_config(cfg_path)
+    weights_file = next((f for f in WEIGHT_FILES if (path / f).exists()), None)
+    if weights_file is None:
+        raise UserError(f"{path} has a config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})")
+    names = set(_list_keys(path / weights_file))
+    weight_format = HF if HF_EMBED in names else STATE_SPACES
+    return CheckpointInfo(str(ref), path, config, dialect, weights_file, weight_format)
+
+
+# ---- reading tensors -------------------------------------------------------------------------------------------
+def _corrupt(file: Path, e: Exception) -> UserError:
+    return UserError(f"weight file {file} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                     "download or save it again")
+
+
+def _shards(file: Path) -> list[Path]:
+    if file.name.endswith(".index.json"):
+        try:
+            weight_map = json.loads(file.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise _corrupt(file, e) from None
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (file.parent / s).exists()]
+        if missing:
+            raise UserError(f"{file} names shards that are not there: {', '.join(missing)}")
+        return [file.parent / s for s in shards]
+    return [file]
+
+
+def _iter_tensors(file: Path, keys_only: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Yield (name, tensor) from a weight file or sharded index, one tensor at a time (memory-mapped)."""
+    for shard in _shards(file):
+        try:
+            if shard.suffix == ".safetensors":
+                from safetensors import safe_open
+                with safe_open(str(shard), framework="pt") as f:
+                    for k in f.keys():
+                        yield k, None if keys_only else f.get_tensor(k)
+            else:
+                try:
+                    sd = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
+                except RuntimeError as e:
+                    if "mmap" not in str(e):  # legacy (non-zip) files cannot be memory-mapped
+                        raise
+                    sd = torch.load(shard, map_location="cpu", weights_only=True)
+                if not isinstance(sd, dict):
+                    raise UserError(f"{shard} does not hold a state dict")
+                for k in list(sd):
+                    yield k, None if keys_only else sd.pop(k)
+        except UserError:
+            raise
+        except Exception as e:  # safetensors/pickle/zip errors all mean the same to a user
+            raise _corrupt(shard, e) from None
+
+
+def _list_keys(file: Path) -> Iterator[str]:
+    return (k for k, _ in _iter_tensors(file, keys_only=True))
+
+
+def _to_model_key(name: str) -> str:
+    return SS_EMBED if name == HF_EMBED else name
+
+
+def expected_shapes(model: MambaLM) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+
+
+def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu",
+               scan_backend: str = "auto") -> MambaLM:
+    """Load a Mamba-1 checkpoint (local directory or hub id, either format). Strict: any missing, unexpected or
+    mis-shaped key is an error that lists them. ``dtype`` None keeps the stored dtype."""
+    info = inspect(ref)
+    dtype = parse_dtype(dtype) if dtype is not None else None
+    with torch.device("meta"):
+        model = MambaLM(info.config, scan_backend=scan_backend)
+    shapes = expected_shapes(model)
+    tied = info.config.tie_embeddings
+    if tied:
+        shapes.pop("lm_head.weight")
+    loaded: dict[str, torch.Tensor] = {}
+    unexpected, misshaped = [], []
+    lm_head = None
+    for name, tensor in _iter_tensors(info.path / info.weights_file):
+        key = _to_model_key(name)
+        if tied and key == "lm_head.weight":
+            lm_head = tensor
+            continue
+        if key not in shapes:
+            unexpected.append(name)
+            continue
+        if tuple(tensor.shape) != shapes[key]:
+            misshaped.append(f"{name} {tuple(tensor.shape)} (config needs {shapes[key]})")
+            continue
+        loaded[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
+        del tensor
+    missing = [k for k in shapes if k not in loaded]
+    problems = []
+    if misshaped:
+        problems.append("mis-shaped: " + "; ".join(misshaped[:8]) + (" …" if len(misshaped) > 8 else ""))
+    if missing:
+        problems.append("missing: " + ", ".join(missing[:8]) + (f" … ({len(missing)} in all)" if len(missing) > 8 else ""))
+    if unexpected:
+        problems.append("unexpected: " + ", ".join(unexpected[:8]) + (f" … ({len(unexpected)} in all)" if len(unexpected) > 8 else ""))
+    if problems:
+        raise UserError(f"weights in {info.path / info.weights_file} do not match its config.json "
+                        f"(d_model={info.config.d_model}, n_layer={info.config.n_layer}): " + " | ".join(problems))
+    if lm_head is not None and tuple(lm_head.shape) != tuple(loaded[SS_EMBED].shape):
+        raise UserError(f"lm_head.weight has shape {tuple(lm_head.shape)} but the tied embedding has "
+                        f"{tuple(loaded[SS_EMBED].shape)}")
+    dtypes = {t.dtype for t in loaded.values()}
+    model.load_state_dict(loaded, strict=False, assign=True)
+    if tied:
+        model.lm_head.weight = model.backbone.embedding.weight
+    if len(dtypes) > 1 and dtype is None:  # mixed stored dtypes: unify on the embedding's
+        model.to(model.backbone.embedding.weight.dtype)
+    model.source = info
+    return model
+
+
+# ---- writing ---------------------------------------------------------------------------------------------------
+def save_model(model: MambaLM, out_dir: str | os.PathLike, fmt: str = STATE_SPACES, safetensors: bool = True,
+               force: bool = False) -> Path:
+    """Write ``model`` as a checkpoint directory of format ``fmt`` ("state-spaces" or "hf"), atomically."""
+    if fmt not in (STATE_SPACES, HF):
+        raise UserError(f"unknown checkpoint format '{fmt}'; choose state-spaces or hf")
+    out = Path(out_dir)
+    with atomic_directory(out, force=force) as tmp:
+        cfg = model.config.to_state_spaces_json() if fmt == STATE_SPACES else model.config.to_hf_json()
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+        sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if fmt == HF:
+            sd[HF_EMBED] = sd.pop(SS_EMBED)
+            if model.config.tie_embeddings:
+                sd.pop("lm_head.weight")
+        elif model.config.tie_embeddings:
+            sd.pop("lm_head.weight") if safetensors else None  # torch.save keeps the tie; safetensors can't share
+        if safetensors:
+            from safetensors.torch import save_file
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        else:
+            torch.save(sd, tmp / "pytorch_model.bin")
+    return out
+
+
+class atomic_directory:
+    """``with atomic_directory(out) as tmp:`` — write into ``tmp``; it becomes ``out`` only if the block succeeds.
+    An existing ``out`` is refused unless ``force`` (then replaced in one rename after the new one is complete)."""
+
+    def __init__(self, out: Path, force: bool = False):
+        self.out = Path(out)
+        self.force = force
+
+    def __enter__(self) -> Path:
+        if self.out.exists() and not self.force:
+            raise UserError(f"{self.out} already exists; pass --force to overwrite it")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return False
+        old = None
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old.{os.getpid()}")
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        return False
+
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise UserError(f"unknown dtype '{dtype}'; choose fp32, fp16 or bf16") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

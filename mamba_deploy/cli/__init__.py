@@ -1,0 +1,64 @@
+"""The ``mamba-deploy`` command: a group of small subcommands, one module each (imported when used).
+
+User mistakes (``UserError``) print one line ``mamba-deploy: error: …`` and exit 2; a failed check exits 1.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .. import __version__
+
+# name → (module under mamba_deploy.cli, one-line help). Modules are imported only when their command runs.
+COMMANDS = {
+    "info": ("info", "Show a checkpoint's format, config, parameter count and memory needs."),
+    "random": ("random_ckpt", "Write a checkpoint of a named size with random weights (no hub needed)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in COMMANDS:
+            return None
+        module = importlib.import_module(f".{COMMANDS[name][0]}", __name__)
+        return module.command
+
+    def format_commands(self, ctx, formatter):
+        rows = [(name, help_) for name, (_, help_) in COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+    def invoke(self, ctx):
+        from ..errors import CheckFailed, UserError
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            click.echo(f"mamba-deploy: error: {e}", err=True)
+            sys.exit(e.exit_code)
+        except CheckFailed as e:
+            click.echo(f"mamba-deploy: FAILED: {e}", err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo("mamba-deploy: interrupted", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="mamba-deploy")
+def main():
+    """Run Mamba language models outside PyTorch.
+
+    \b
+    A typical session:
+      mamba-deploy random --size tiny --out ckpt/tiny      # or use a hub id / local checkpoint
+      mamba-deploy info   --model ckpt/tiny
+    """
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""``mamba-deploy info``: what a checkpoint is, without building the model."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from .options import model_option
+
+
+def describe(info) -> dict:
+    """Format, config, parameter count, weight bytes per precision and state bytes per sequence."""
+    from ..model import MambaLM
+    import torch
+
+    cfg = info.config
+    with torch.device("meta"):
+        n_params = MambaLM(cfg).num_parameters()
+    conv_elems = cfg.n_layer * cfg.d_inner * cfg.d_conv
+    ssm_elems = cfg.n_layer * cfg.d_inner * cfg.d_state
+    return {
+        "checkpoint": str(info.path),
+        "config_format": info.config_format,
+        "weights": info.weights_file,
+        "weight_names": info.weight_format,
+        "config": cfg.to_dict(),
+        "parameters": n_params,
+        "weight_bytes": {"fp32": 4 * n_params, "fp16": 2 * n_params, "bf16": 2 * n_params},
+        "state_bytes_per_sequence": {p: conv_elems * b + ssm_elems * 4 for p, b in
+                                     (("fp32", 4), ("fp16", 2), ("bf16", 2))},
+    }
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+
+
+@click.command(name="info")
+@model_option
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def command(model_ref, as_json):
+    """Show a checkpoint's format, config, parameter count, weight bytes per precision and the recurrent state
+    bytes per sequence. Reads config and weight names only, not the weights."""
+    from ..checkpoint import inspect
+
+    d = describe(inspect(model_ref))
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    c = d["config"]
+    click.echo(f"checkpoint   {d['checkpoint']}")
+    click.echo(f"format       config: {d['config_format']}, weights: {d['weights']} ({d['weight_names']} names)")
+    click.echo(f"shape        d_model={c['d_model']} n_layer={c['n_layer']} d_inner={c['d_inner']} "
+               f"d_state={c['d_state']} d_conv={c['d_conv']} dt_rank={c['dt_rank_value']}")
+    click.echo(f"vocab        {c['vocab_size']} (padded to {c['padded_vocab_size']})")
+    click.echo(f"parameters   {d['parameters']:,}")
+    click.echo("weights      " + ", ".join(f"{p} {_human(b)}" for p, b in d["weight_bytes"].items()))
+    click.echo("state/seq    " + ", ".join(f"{p} {_human(b)}" for p, b in d["state_bytes_per_sequence"].items())
+               + "  (conv state in the activation dtype, SSM state always fp32)")

@@ -1,0 +1,27 @@
+"""``mamba-deploy random``: a checkpoint of a named size with random (upstream-style) weights."""
+from __future__ import annotations
+
+import click
+
+from ..config import SIZES
+
+
+@click.command(name="random")
+@click.option("--size", type=click.Choice(list(SIZES)), default="tiny", show_default=True,
+              help="Shape of a released Mamba-1 model (tiny: d_model 64, 2 layers, byte vocabulary).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--format", "fmt", type=click.Choice(["state-spaces", "hf"]), default="state-spaces",
+              show_default=True, help="Checkpoint format.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def command(size, out_dir, fmt, dtype, seed, force):
+    """Write a checkpoint of a named size with random weights, for trying the tool and for benchmarks
+    without the hub. The weights follow upstream's initialisation (realistic δ and A ranges)."""
+    from ..checkpoint import parse_dtype, save_model
+    from ..config import config_for_size
+    from ..model import random_model
+
+    model = random_model(config_for_size(size), seed=seed, dtype=parse_dtype(dtype))
+    out = save_model(model, out_dir, fmt=fmt, force=force)
+    click.echo(f"wrote {out} ({size}, {fmt} format, {dtype}, {model.num_parameters():,} parameters)")

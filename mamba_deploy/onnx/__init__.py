@@ -1,0 +1,1 @@
+"""ONNX artifact: the graph contract (contract.py), the exporter and the manifest."""

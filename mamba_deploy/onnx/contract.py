@@ -1,0 +1,120 @@
+"""The graph contract: the one place that names the custom ops, their inputs, outputs and attributes, and the
+artifact's I/O. The exporter builds graphs from it, the TensorRT plugins take their names and fields from it, the
+runtimes read it (through manifest.json), and README's contract table is generated from it.
+
+Custom domain ``mamba_deploy`` version 1. Each op is one node, also defined as an ONNX model-local function with
+a body of standard ops (ONNX Runtime runs the body; TensorRT inlines it, or maps the node to our plugin when the
+plugin is registered under the same name/version/namespace and the parser flag ENABLE_PLUGIN_OVERRIDE is set).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+DOMAIN = "mamba_deploy"
+DOMAIN_VERSION = 1
+PLUGIN_NAMESPACE = ""          # TensorRT plugin namespace (the ONNX parser looks plugins up in "")
+PLUGIN_VERSION = "1"
+IR_VERSION = 10                # onnxruntime 1.31 reads IR <= 13
+DEFAULT_OPSET = 18
+EXPORTER_NAME = "mamba-deploy"
+ARTIFACT_FORMAT_VERSION = 1    # bump when the artifact layout changes; runtimes refuse other versions
+
+
+@dataclasses.dataclass(frozen=True)
+class Port:
+    name: str
+    shape: tuple[str, ...]     # symbolic dims: b (batch), d (d_inner), N (d_state), L (sequence)
+    dtype: str                 # "act" (fp32/fp16/bf16 activations) or "fp32"
+    doc: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    op_type: str
+    inputs: tuple[Port, ...]
+    outputs: tuple[Port, ...]
+    attributes: dict          # name -> default value (ints/floats); also the plugin's fields
+    doc: str
+
+
+_ATTRS = {"delta_softplus": 1, "softplus_threshold": 20.0}
+
+SELECTIVE_SCAN_STEP = OpSpec(
+    "SelectiveScanStep",
+    inputs=(
+        Port("x", ("b", "d"), "act", "conv output x_t (after SiLU)"),
+        Port("delta", ("b", "d"), "act", "δ_raw = W_dt·(x_proj δ part), bias not yet added"),
+        Port("A", ("d", "N"), "fp32", "A = −exp(A_log)"),
+        Port("B", ("b", "N"), "act", "B_t"),
+        Port("C", ("b", "N"), "act", "C_t"),
+        Port("D", ("d",), "fp32", "skip connection D"),
+        Port("delta_bias", ("d",), "fp32", "δ bias (dt_proj.bias)"),
+        Port("z", ("b", "d"), "act", "gate z_t"),
+        Port("ssm_state", ("b", "d", "N"), "fp32", "h_{t−1}"),
+    ),
+    outputs=(
+        Port("y", ("b", "d"), "act", "y_t = (⟨h_t, C_t⟩ + D·x_t)·SiLU(z_t)"),
+        Port("ssm_state_out", ("b", "d", "N"), "fp32", "h_t = exp(δA)·h_{t−1} + δ·B·x"),
+    ),
+    attributes=_ATTRS,
+    doc="One decode step of the selective scan for a batch.",
+)
+
+SELECTIVE_SCAN = OpSpec(
+    "SelectiveScan",
+    inputs=(
+        Port("x", ("b", "d", "L"), "act", "conv output"),
+        Port("delta", ("b", "d", "L"), "act", "δ_raw (bias not yet added)"),
+        Port("A", ("d", "N"), "fp32", "A = −exp(A_log)"),
+        Port("B", ("b", "N", "L"), "act", "B"),
+        Port("C", ("b", "N", "L"), "act", "C"),
+        Port("D", ("d",), "fp32", "skip connection D"),
+        Port("delta_bias", ("d",), "fp32", "δ bias"),
+        Port("z", ("b", "d", "L"), "act", "gate z"),
+        Port("ssm_state", ("b", "d", "N"), "fp32", "initial state h_0"),
+    ),
+    outputs=(
+        Port("y", ("b", "d", "L"), "act", "outputs for every position"),
+        Port("ssm_state_out", ("b", "d", "N"), "fp32", "final state h_L"),
+    ),
+    attributes=_ATTRS,
+    doc="The selective scan over a sequence from a given initial state (prefill, chunked prefill, resume).",
+)
+
+OPS = {op.op_type: op for op in (SELECTIVE_SCAN_STEP, SELECTIVE_SCAN)}
+
+
+# ---- artifact I/O names (like optimum's KV cache naming) -----------------------------------------------------
+def conv_state_name(i: int, out: bool = False) -> str:
+    return f"conv_state_out.{i}" if out else f"conv_state.{i}"
+
+
+def ssm_state_name(i: int, out: bool = False) -> str:
+    return f"ssm_state_out.{i}" if out else f"ssm_state.{i}"
+
+
+def state_inputs(n_layer: int) -> list[str]:
+    return [n for i in range(n_layer) for n in (conv_state_name(i), ssm_state_name(i))]
+
+
+def state_outputs(n_layer: int) -> list[str]:
+    return [n for i in range(n_layer) for n in (conv_state_name(i, True), ssm_state_name(i, True))]
+
+
+STEP_GRAPH = "step.onnx"
+PREFILL_GRAPH = "prefill.onnx"
+MANIFEST = "manifest.json"
+
+
+def contract_markdown() -> str:
+    """Markdown tables of both ops (README's contract section is generated from this)."""
+    lines = [f"Domain `{DOMAIN}` version {DOMAIN_VERSION}; attributes (= plugin fields): "
+             + ", ".join(f"`{k}` (default {v})" for k, v in _ATTRS.items()) + "."]
+    for op in OPS.values():
+        lines += ["", f"**{op.op_type}** — {op.doc}", "", "| port | name | shape | dtype | meaning |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| in {i} | `{p.name}` | [{', '.join(p.shape)}] | {p.dtype} | {p.doc} |"
+                  for i, p in enumerate(op.inputs)]
+        lines += [f"| out {i} | `{p.name}` | [{', '.join(p.shape)}] | {p.dtype} | {p.doc} |"
+                  for i, p in enumerate(op.outputs)]
+    return "\n".join(lines)

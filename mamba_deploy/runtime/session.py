@@ -1,0 +1,98 @@
+"""The session API every backend implements, and ``open_session`` that picks one.
+
+A session holds a model (PyTorch module, ONNX Runtime sessions, TensorRT engines …) and offers:
+
+    new_state(batch)               → MambaState of zeros (torch tensors on the session's device)
+    prefill(ids[b, T], state=None) → (logits[b, V] of the last position, fp32 torch tensor; state after T tokens)
+    step(ids[b], state)            → (logits[b, V] fp32; state after one more token)
+
+States are ``MambaState`` of torch tensors (conv state in the activation dtype, SSM state fp32) whatever the
+backend, so they move between backends and a caller never sees numpy/TensorRT buffers.
+"""
+from __future__ import annotations
+
+import abc
+import importlib
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..model import MambaState
+
+# backend name → "module:factory" (factory(source, **options) -> Session); imported only when asked for
+BACKENDS: dict[str, str] = {
+    "torch": "mamba_deploy.runtime.torch_session:open_torch_session",
+}
+
+
+class Session(abc.ABC):
+    backend: str = "?"
+    n_layer: int
+    d_inner: int
+    d_conv: int
+    d_state: int
+    vocab_size: int          # logits width (padded vocabulary)
+    device: torch.device
+    state_dtype: torch.dtype  # dtype of the conv state
+
+    @abc.abstractmethod
+    def prefill(self, input_ids: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
+        ...
+
+    @abc.abstractmethod
+    def step(self, input_ids: torch.Tensor, state: MambaState) -> tuple[torch.Tensor, MambaState]:
+        ...
+
+    def new_state(self, batch: int) -> MambaState:
+        return MambaState(
+            [torch.zeros(batch, self.d_inner, self.d_conv, dtype=self.state_dtype, device=self.device)
+             for _ in range(self.n_layer)],
+            [torch.zeros(batch, self.d_inner, self.d_state, dtype=torch.float32, device=self.device)
+             for _ in range(self.n_layer)])
+
+    # -- input validation shared by all backends ---------------------------------------------------------------
+    def check_ids(self, input_ids: torch.Tensor, ndim: int) -> torch.Tensor:
+        if not isinstance(input_ids, torch.Tensor):
+            input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() != ndim or input_ids.dtype not in (torch.int64, torch.int32):
+            want = "[batch]" if ndim == 1 else "[batch, seq]"
+            raise UserError(f"input_ids must be an integer tensor of shape {want}, got {input_ids.dtype} "
+                            f"{tuple(input_ids.shape)}")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
+            raise UserError(f"token ids must lie in [0, {self.vocab_size}); got {int(input_ids.min())}…"
+                            f"{int(input_ids.max())}")
+        return input_ids.long()
+
+    def check_state(self, state: MambaState, batch: int) -> None:
+        if not isinstance(state, MambaState):
+            raise UserError(f"state must be a MambaState (from session.new_state), got {type(state).__name__}")
+        if len(state.conv) != self.n_layer or len(state.ssm) != self.n_layer:
+            raise UserError(f"state has {len(state.conv)} conv / {len(state.ssm)} ssm layers; this model has "
+                            f"{self.n_layer}")
+        want_conv = (batch, self.d_inner, self.d_conv)
+        want_ssm = (batch, self.d_inner, self.d_state)
+        for i, (c, s) in enumerate(zip(state.conv, state.ssm)):
+            if tuple(c.shape) != want_conv:
+                raise UserError(f"conv_state.{i} has shape {tuple(c.shape)}; expected {want_conv} "
+                                "[batch, d_inner, d_conv]")
+            if tuple(s.shape) != want_ssm:
+                raise UserError(f"ssm_state.{i} has shape {tuple(s.shape)}; expected {want_ssm} "
+                                "[batch, d_inner, d_state]")
+            if s.dtype != torch.float32:
+                raise UserError(f"ssm_state.{i} must be float32 (the SSM state is always fp32), got {s.dtype}")
+            if c.dtype != self.state_dtype:
+                raise UserError(f"conv_state.{i} must be {self.state_dtype}, got {c.dtype}")
+
+
+def open_session(source, backend: str = "torch", **options) -> Session:
+    """Open ``source`` (an artifact directory, a checkpoint ref, or a MambaLM) on ``backend``."""
+    if backend not in BACKENDS:
+        raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    module, factory = BACKENDS[backend].split(":")
+    return getattr(importlib.import_module(module), factory)(source, **options)
+
+
+def is_artifact(source) -> bool:
+    from ..onnx.contract import MANIFEST
+    return isinstance(source, (str, Path)) and (Path(source) / MANIFEST).exists()

@@ -1,0 +1,45 @@
+"""The PyTorch session: the reference every other backend is compared with."""
+from __future__ import annotations
+
+import torch
+
+from ..model import MambaLM, MambaState
+from .session import Session, is_artifact
+
+
+class TorchSession(Session):
+    backend = "torch"
+
+    def __init__(self, model: MambaLM):
+        self.model = model.eval()
+        c = model.config
+        self.n_layer, self.d_inner, self.d_conv, self.d_state = c.n_layer, c.d_inner, c.d_conv, c.d_state
+        self.vocab_size = c.padded_vocab_size
+        self.device = model.device
+        self.state_dtype = model.dtype
+
+    @torch.inference_mode()
+    def prefill(self, input_ids, state=None, all_logits: bool = False):
+        ids = self.check_ids(input_ids, 2).to(self.device)
+        if state is not None:
+            self.check_state(state, ids.shape[0])
+        logits, state = self.model(ids, state)
+        return (logits if all_logits else logits[:, -1]).float(), state
+
+    @torch.inference_mode()
+    def step(self, input_ids, state: MambaState):
+        ids = self.check_ids(input_ids, 1).to(self.device)
+        self.check_state(state, ids.shape[0])
+        logits, state = self.model.step(ids, state)
+        return logits.float(), state
+
+
+def open_torch_session(source, device="cpu", dtype=None, **_) -> TorchSession:
+    """``source``: a MambaLM, a checkpoint ref, or an artifact (its manifest names the source checkpoint)."""
+    if isinstance(source, MambaLM):
+        return TorchSession(source)
+    from ..checkpoint import load_model
+    if is_artifact(source):
+        from ..onnx.manifest import read_manifest
+        source = read_manifest(source)["source"]["checkpoint"]
+    return TorchSession(load_model(source, dtype=dtype, device=device))
