@@ -83,7 +83,7 @@ def inspect(ref: str | os.PathLike) -> CheckpointInfo:
     weights_file = next((f for f in WEIGHT_FILES if (path / f).exists()), None)
     if weights_file is None:
         raise UserError(f"{path} has a config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})")
-    names = set(_list_keys(path / weights_file))
+    names = {name for name, _ in _iter_tensors(path / weights_file, shapes_only=True)}
     weight_format = HF if HF_EMBED in names else STATE_SPACES
     return CheckpointInfo(str(ref), path, config, dialect, weights_file, weight_format)
 
@@ -108,15 +108,16 @@ def _shards(file: Path) -> list[Path]:
     return [file]
 
 
-def _iter_tensors(file: Path, keys_only: bool = False) -> Iterator[tuple[str, torch.Tensor | None]]:
-    """Yield (name, tensor) from a weight file or sharded index, one tensor at a time (memory-mapped)."""
+def _iter_tensors(file: Path, shapes_only: bool = False) -> Iterator[tuple[str, torch.Tensor | tuple]]:
+    """Yield (name, tensor) — or (name, shape) with ``shapes_only`` — from a weight file or sharded index, one
+    tensor at a time (memory-mapped)."""
     for shard in _shards(file):
         try:
             if shard.suffix == ".safetensors":
                 from safetensors import safe_open
                 with safe_open(str(shard), framework="pt") as f:
                     for k in f.keys():
-                        yield k, None if keys_only else f.get_tensor(k)
+                        yield k, tuple(f.get_slice(k).get_shape()) if shapes_only else f.get_tensor(k)
             else:
                 try:
                     sd = torch.load(shard, map_location="cpu", weights_only=True, mmap=True)
@@ -127,23 +128,49 @@ def _iter_tensors(file: Path, keys_only: bool = False) -> Iterator[tuple[str, to
                 if not isinstance(sd, dict):
                     raise UserError(f"{shard} does not hold a state dict")
                 for k in list(sd):
-                    yield k, None if keys_only else sd.pop(k)
+                    t = sd.pop(k)
+                    yield k, tuple(t.shape) if shapes_only else t
         except UserError:
             raise
         except Exception as e:  # safetensors/pickle/zip errors all mean the same to a user
             raise _corrupt(shard, e) from None
 
 
-def _list_keys(file: Path) -> Iterator[str]:
-    return (k for k, _ in _iter_tensors(file, keys_only=True))
-
-
 def _to_model_key(name: str) -> str:
     return SS_EMBED if name == HF_EMBED else name
 
 
-def expected_shapes(model: MambaLM) -> dict[str, tuple[int, ...]]:
-    return {k: tuple(v.shape) for k, v in model.state_dict(keep_vars=True).items()}
+def expected_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter the config needs, by state-spaces name (lm_head omitted when tied)."""
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in MambaLM(config).state_dict(keep_vars=True).items()}
+    if config.tie_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def _listing(label: str, items: list[str]) -> str:
+    more = f" … ({len(items)} in all)" if len(items) > 8 else ""
+    return f"{label}: " + ", ".join(items[:8]) + more
+
+
+def verify_weights(info: CheckpointInfo) -> None:
+    """Compare the stored names and shapes with what the config needs (reads headers, not the weights). Raises a
+    UserError listing every missing, unexpected or mis-shaped key."""
+    want = expected_shapes(info.config)
+    found = {_to_model_key(k): (k, shape) for k, shape in _iter_tensors(info.path / info.weights_file, True)}
+    tied_head = found.pop("lm_head.weight", None) if info.config.tie_embeddings else None
+    missing = [k for k in want if k not in found]
+    unexpected = [name for k, (name, _) in found.items() if k not in want]
+    misshaped = [f"{name} {shape} (config needs {want[k]})" for k, (name, shape) in found.items()
+                 if k in want and shape != want[k]]
+    if tied_head is not None and tied_head[1] != want[SS_EMBED]:
+        misshaped.append(f"lm_head.weight {tied_head[1]} (tied to the embedding {want[SS_EMBED]})")
+    problems = [_listing(label, items) for label, items in
+                (("mis-shaped", misshaped), ("missing", missing), ("unexpected", unexpected)) if items]
+    if problems:
+        raise UserError(f"weights in {info.path / info.weights_file} do not match its config.json "
+                        f"(d_model={info.config.d_model}, n_layer={info.config.n_layer}): " + " | ".join(problems))
 
 
 def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu",
@@ -151,48 +178,22 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, d
     """Load a Mamba-1 checkpoint (local directory or hub id, either format). Strict: any missing, unexpected or
     mis-shaped key is an error that lists them. ``dtype`` None keeps the stored dtype."""
     info = inspect(ref)
+    verify_weights(info)
     dtype = parse_dtype(dtype) if dtype is not None else None
     with torch.device("meta"):
         model = MambaLM(info.config, scan_backend=scan_backend)
-    shapes = expected_shapes(model)
-    tied = info.config.tie_embeddings
-    if tied:
-        shapes.pop("lm_head.weight")
     loaded: dict[str, torch.Tensor] = {}
-    unexpected, misshaped = [], []
-    lm_head = None
     for name, tensor in _iter_tensors(info.path / info.weights_file):
         key = _to_model_key(name)
-        if tied and key == "lm_head.weight":
-            lm_head = tensor
-            continue
-        if key not in shapes:
-            unexpected.append(name)
-            continue
-        if tuple(tensor.shape) != shapes[key]:
-            misshaped.append(f"{name} {tuple(tensor.shape)} (config needs {shapes[key]})")
+        if key == "lm_head.weight" and info.config.tie_embeddings:
             continue
         loaded[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
         del tensor
-    missing = [k for k in shapes if k not in loaded]
-    problems = []
-    if misshaped:
-        problems.append("mis-shaped: " + "; ".join(misshaped[:8]) + (" …" if len(misshaped) > 8 else ""))
-    if missing:
-        problems.append("missing: " + ", ".join(missing[:8]) + (f" … ({len(missing)} in all)" if len(missing) > 8 else ""))
-    if unexpected:
-        problems.append("unexpected: " + ", ".join(unexpected[:8]) + (f" … ({len(unexpected)} in all)" if len(unexpected) > 8 else ""))
-    if problems:
-        raise UserError(f"weights in {info.path / info.weights_file} do not match its config.json "
-                        f"(d_model={info.config.d_model}, n_layer={info.config.n_layer}): " + " | ".join(problems))
-    if lm_head is not None and tuple(lm_head.shape) != tuple(loaded[SS_EMBED].shape):
-        raise UserError(f"lm_head.weight has shape {tuple(lm_head.shape)} but the tied embedding has "
-                        f"{tuple(loaded[SS_EMBED].shape)}")
-    dtypes = {t.dtype for t in loaded.values()}
-    model.load_state_dict(loaded, strict=False, assign=True)
-    if tied:
+    stored_dtypes = {t.dtype for t in loaded.values()}
+    model.load_state_dict(loaded, strict=not info.config.tie_embeddings, assign=True)
+    if info.config.tie_embeddings:  # assign=True replaced the shared Parameter: tie the head again
         model.lm_head.weight = model.backbone.embedding.weight
-    if len(dtypes) > 1 and dtype is None:  # mixed stored dtypes: unify on the embedding's
+    if len(stored_dtypes) > 1 and dtype is None:  # mixed stored dtypes: unify on the embedding's
         model.to(model.backbone.embedding.weight.dtype)
     model.source = info
     return model

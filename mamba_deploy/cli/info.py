@@ -43,10 +43,12 @@ def _human(n: float) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def command(model_ref, as_json):
     """Show a checkpoint's format, config, parameter count, weight bytes per precision and the recurrent state
-    bytes per sequence. Reads config and weight names only, not the weights."""
-    from ..checkpoint import inspect
+    bytes per sequence. Reads the config and the weight file headers (names and shapes), not the weights."""
+    from ..checkpoint import inspect, verify_weights
 
-    d = describe(inspect(model_ref))
+    info = inspect(model_ref)
+    verify_weights(info)
+    d = describe(info)
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
