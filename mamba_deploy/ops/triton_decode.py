@@ -1,0 +1,184 @@
+"""Fused Triton kernels for one decode step of a Mamba-1 layer, each next to its pure-torch reference.
+
+One layer's decode step (DESIGN §2) is done in six launches, three of them cuBLAS matrix products:
+
+    add_rmsnorm   r ← r + h (fp32 residual);  u = RMSNorm(r) · g          (Triton, this file)
+    in_proj       [x, z] = W_in · u                                        (cuBLAS)
+    conv_step     s ← [s[:, 1:], x];  x = SiLU(⟨s, w_conv⟩ + b_conv)      (Triton; conv state updated in place)
+    x_proj        [δ_raw, B, C] = W_x · x                                  (cuBLAS)
+    ssm_step      δ = softplus(W_dt·δ_raw + b_dt);  h ← exp(δA)⊙h + δ·B·x;
+                  y = (⟨h, C⟩ + D·x) · SiLU(z)                              (Triton; SSM state updated in place)
+    out_proj      h = W_out · y                                            (cuBLAS)
+
+Every kernel computes in fp32 and rounds where the reference model rounds (to the activation dtype after the
+conv, after W_dt·δ_raw and after the gating), so it matches ``MambaLM.step`` to fp16 rounding. The ``*_ref``
+functions are that reference, written with the same signature (they return new tensors; the kernels write into
+the given ones). Kernels run on CUDA, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# residual add + RMSNorm
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _add_rmsnorm_kernel(h_ptr, res_ptr, w_ptr, out_ptr, D, stride_h, stride_r, stride_o, eps,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    r = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r += tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    # the residual is stored in its buffer's dtype (fp32 when residual_in_fp32); the norm reads the stored value
+    r = r.to(res_ptr.dtype.element_ty)
+    tl.store(res_ptr + row * stride_r + cols, r, mask=mask)
+    r = r.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / D + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (r * rstd * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def add_rmsnorm(h: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor,
+                has_residual: bool = True) -> None:
+    """residual ← residual + h (or ← h when ``has_residual`` is False); out ← RMSNorm(residual) · weight.
+    h [M, D] any float dtype; residual [M, D] (fp32 or the activation dtype), out [M, D] in weight's dtype."""
+    M, D = h.shape
+    _add_rmsnorm_kernel[(M,)](h, residual, weight, out, D, h.stride(0), residual.stride(0), out.stride(0), eps,
+                              HAS_RESIDUAL=has_residual, BLOCK=triton.next_power_of_2(D), num_warps=4)
+
+
+def add_rmsnorm_ref(h, residual, weight, eps, has_residual=True):
+    """Returns (new residual, normed) exactly as MambaLM does it (RMSNorm in fp32, output in weight's dtype)."""
+    r = (h.float() + residual.float() if has_residual else h.float()).to(residual.dtype)
+    rf = r.float()
+    normed = (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(weight.dtype)
+    return r, normed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# causal depthwise conv1d, one step, + SiLU; conv state shifted in place
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, d_inner, K,
+                      stride_x, stride_sb, stride_sd, stride_o,
+                      HAS_BIAS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_d = tl.program_id(0)
+    row = tl.program_id(1)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    ks = tl.arange(0, BLOCK_K)
+    dmask = ds < d_inner
+    x = tl.load(x_ptr + row * stride_x + ds, mask=dmask, other=0.0)
+    s_ptrs = state_ptr + row * stride_sb + ds[:, None] * stride_sd + ks[None, :]
+    # shifted state: s'[:, j] = s[:, j + 1] (j < K − 1), s'[:, K − 1] = x
+    shifted = tl.load(s_ptrs + 1, mask=dmask[:, None] & (ks[None, :] + 1 < K), other=0.0)
+    new_s = tl.where(ks[None, :] == K - 1, x.to(shifted.dtype)[:, None], shifted)
+    kmask = dmask[:, None] & (ks[None, :] < K)
+    tl.store(s_ptrs, new_s, mask=kmask)
+    w = tl.load(w_ptr + ds[:, None] * K + ks[None, :], mask=kmask, other=0.0).to(tl.float32)
+    acc = tl.sum(new_s.to(tl.float32) * w, axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    acc = acc * tl.sigmoid(acc)                                                     # SiLU
+    tl.store(out_ptr + row * stride_o + ds, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+
+
+def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              out: torch.Tensor, block_d: int = 256) -> None:
+    """x [M, d] (may be a strided view); conv_state [M, d, K] contiguous in its last two dims, updated in place;
+    weight [d, K] contiguous; out [M, d] ← SiLU(conv)."""
+    M, d = x.shape
+    K = conv_state.shape[-1]
+    assert conv_state.stride(2) == 1 and conv_state.stride(1) == K and weight.is_contiguous()
+    grid = (triton.cdiv(d, block_d), M)
+    _conv_step_kernel[grid](x, conv_state, weight, bias if bias is not None else weight, out, d, K,
+                            x.stride(0), conv_state.stride(0), conv_state.stride(1), out.stride(0),
+                            HAS_BIAS=bias is not None, BLOCK_D=block_d, BLOCK_K=triton.next_power_of_2(K),
+                            num_warps=4)
+
+
+def conv_step_ref(x, conv_state, weight, bias):
+    """Returns (xc, new conv state) as MambaMixer.step computes them."""
+    s = torch.cat([conv_state[..., 1:], x[..., None].to(conv_state.dtype)], dim=-1)
+    acc = (s.float() * weight.float()).sum(-1)
+    if bias is not None:
+        acc = acc + bias.float()
+    return F.silu(acc).to(x.dtype), s
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# δ projection + softplus + selective state update + D skip + SiLU(z) gating; SSM state updated in place
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _ssm_step_kernel(xdbl_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, x_ptr, z_ptr, state_ptr, y_ptr,
+                     M, d_inner, R, N,
+                     stride_xdbl, stride_x, stride_z, stride_sb, stride_sd, stride_y,
+                     ROWS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid_d = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    rs = tl.arange(0, BLOCK_R)
+    ns = tl.arange(0, BLOCK_N)
+    dmask = ds < d_inner
+    rmask = rs < R
+    nmask = ns < N
+    dn_mask = dmask[:, None] & nmask[None, :]
+    # per-channel constants, loaded once for ROWS batch rows
+    wdt = tl.load(wdt_ptr + ds[:, None] * R + rs[None, :], mask=dmask[:, None] & rmask[None, :],
+                  other=0.0).to(tl.float32)                                         # W_dt block [BLOCK_D, R]
+    dtb = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + ds[:, None] * N + ns[None, :], mask=dn_mask, other=0.0)     # fp32
+    Dv = tl.load(D_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    for i in range(ROWS):
+        row = pid_m * ROWS + i
+        if row < M:
+            base = xdbl_ptr + row * stride_xdbl
+            dt_raw = tl.load(base + rs, mask=rmask, other=0.0).to(tl.float32)
+            B = tl.load(base + R + ns, mask=nmask, other=0.0).to(tl.float32)
+            C = tl.load(base + R + N + ns, mask=nmask, other=0.0).to(tl.float32)
+            x = tl.load(x_ptr + row * stride_x + ds, mask=dmask, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + row * stride_z + ds, mask=dmask, other=0.0).to(tl.float32)
+            s_ptrs = state_ptr + row * stride_sb + ds[:, None] * stride_sd + ns[None, :]
+            h = tl.load(s_ptrs, mask=dn_mask, other=0.0)
+            # δ = softplus(round_act(W_dt·δ_raw) + b_dt), torch's threshold 20
+            dt = tl.sum(wdt * dt_raw[None, :], axis=1).to(y_ptr.dtype.element_ty).to(tl.float32) + dtb
+            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+            dA = tl.exp(dt[:, None] * A)
+            h = dA * h + (dt * x)[:, None] * B[None, :]
+            tl.store(s_ptrs, h, mask=dn_mask)
+            y = tl.sum(h * C[None, :], axis=1) + Dv * x
+            y = y * (z * tl.sigmoid(z))
+            tl.store(y_ptr + row * stride_y + ds, y.to(y_ptr.dtype.element_ty), mask=dmask)
+
+
+def ssm_step(xdbl: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
+             x: torch.Tensor, z: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor,
+             block_d: int = 64, rows: int | None = None) -> None:
+    """xdbl [M, R + 2N] = [δ_raw, B, C]; dt_weight [d, R]; dt_bias, D [d]; A [d, N] fp32 (= −exp(A_log));
+    x, z [M, d] (strided views allowed); ssm_state [M, d, N] fp32 updated in place; out y [M, d]."""
+    M, d = x.shape
+    N = A.shape[1]
+    R = dt_weight.shape[1]
+    assert ssm_state.stride(2) == 1 and dt_weight.is_contiguous() and A.is_contiguous()
+    assert xdbl.stride(1) == 1 and x.stride(1) == 1 and z.stride(1) == 1 and out.stride(1) == 1
+    rows = rows or (1 if M <= 8 else 4)
+    grid = (triton.cdiv(d, block_d), triton.cdiv(M, rows))
+    _ssm_step_kernel[grid](xdbl, dt_weight, dt_bias, A, D, x, z, ssm_state, out, M, d, R, N,
+                           xdbl.stride(0), x.stride(0), z.stride(0), ssm_state.stride(0), ssm_state.stride(1),
+                           out.stride(0), ROWS=rows, BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(R),
+                           BLOCK_N=triton.next_power_of_2(N), num_warps=4)
+
+
+def ssm_step_ref(xdbl, dt_weight, dt_bias, A, D, x, z, ssm_state):
+    """Returns (y, new SSM state) as MambaMixer.step computes them (W_dt·δ_raw rounded to the activation dtype)."""
+    from .selective_scan import selective_state_update
+    R, N = dt_weight.shape[1], A.shape[1]
+    dt_raw, B, C = xdbl.split([R, N, N], dim=-1)
+    dt = F.linear(dt_raw.to(dt_weight.dtype), dt_weight).to(x.dtype)
+    return selective_state_update(ssm_state, x, dt, A, B, C, D=D.float(), z=z, delta_bias=dt_bias.float(),
+                                  delta_softplus=True)

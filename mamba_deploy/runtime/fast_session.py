@@ -1,0 +1,225 @@
+"""The fast PyTorch GPU session (backend ``torch-fast``): fused decode kernels, one CUDA graph per batch size.
+
+Decode: the whole model's step (embedding, 48 × [add+RMSNorm, in_proj, conv step, x_proj, SSM step, out_proj],
+final norm, lm_head) is captured once per batch size into ONE ``torch.cuda.CUDAGraph`` over static buffers: the
+token ids, the per-layer conv and SSM states (updated in place by the kernels of ops/triton_decode.py) and the
+logits. A step is then: copy ids in, replay, copy logits out.
+
+State ownership (the fast path): ``step`` returns a ``MambaState`` whose tensors ARE the session's static buffers
+for that batch size. Passing that same object back to the next ``step`` costs no copy; passing any other state
+copies it into the buffers first. So the returned state is valid until the next ``step``/``prefill`` of that batch
+size: ``state.clone()`` it to keep it. Logits are returned as a fresh fp32 tensor.
+
+Prefill runs the layers once over the prompt (fused add+RMSNorm kernel, cuBLAS projections, fp16 cuDNN conv,
+the model's selective-scan backend — Triton on CUDA when available, else chunked) and applies lm_head to the last
+position only; its final state lands directly in the static buffers, so the first step after it copies nothing.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from ..model import MambaLM, MambaState
+from .session import Session, is_artifact
+
+
+@dataclasses.dataclass
+class _LayerWeights:
+    norm_w: torch.Tensor
+    in_w: torch.Tensor
+    in_b: torch.Tensor | None
+    conv_w: torch.Tensor        # [d_inner, d_conv]
+    conv_b: torch.Tensor | None
+    x_w: torch.Tensor
+    dt_w: torch.Tensor          # [d_inner, dt_rank]
+    dt_b: torch.Tensor          # fp32
+    A: torch.Tensor             # −exp(A_log), fp32 [d_inner, N]
+    D: torch.Tensor             # fp32
+    out_w: torch.Tensor
+    out_b: torch.Tensor | None
+
+
+class FastDecoder:
+    """The decode step written with the fused kernels (eager; FastSession captures it in a graph)."""
+
+    def __init__(self, model: MambaLM):
+        c = model.config
+        self.config = c
+        self.eps = c.norm_eps
+        self.residual_dtype = torch.float32 if c.residual_in_fp32 else model.dtype
+        self.embedding = model.backbone.embedding.weight
+        self.norm_f = model.backbone.norm_f.weight
+        self.lm_head = model.lm_head.weight
+        self.layers = []
+        for layer in model.backbone.layers:
+            m = layer.mixer
+            self.layers.append(_LayerWeights(
+                norm_w=layer.norm.weight, in_w=m.in_proj.weight, in_b=m.in_proj.bias,
+                conv_w=m.conv1d.weight[:, 0, :].contiguous(), conv_b=m.conv1d.bias,
+                x_w=m.x_proj.weight, dt_w=m.dt_proj.weight.contiguous(), dt_b=m.dt_proj.bias.float(),
+                A=m.A().contiguous(), D=m.D.float(), out_w=m.out_proj.weight, out_b=m.out_proj.bias))
+
+    def step(self, ids: torch.Tensor, conv: list[torch.Tensor], ssm: list[torch.Tensor]) -> torch.Tensor:
+        """ids [M] → logits [M, V] fp32; conv/ssm states updated in place."""
+        from ..ops.triton_decode import add_rmsnorm, conv_step, ssm_step
+        d = self.config.d_inner
+        h = F.embedding(ids, self.embedding)
+        M = h.shape[0]
+        residual = torch.empty(M, self.config.d_model, dtype=self.residual_dtype, device=h.device)
+        u = torch.empty_like(h)
+        xc = torch.empty(M, d, dtype=h.dtype, device=h.device)
+        y = torch.empty_like(xc)
+        for i, w in enumerate(self.layers):
+            add_rmsnorm(h, residual, w.norm_w, self.eps, u, has_residual=i > 0)
+            xz = F.linear(u, w.in_w, w.in_b)                                               # [M, 2d]
+            conv_step(xz[:, :d], conv[i], w.conv_w, w.conv_b, xc)
+            xdbl = F.linear(xc, w.x_w)                                                     # [M, R + 2N]
+            ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, xz[:, d:], ssm[i], y)
+            h = F.linear(y, w.out_w, w.out_b)
+        add_rmsnorm(h, residual, self.norm_f, self.eps, u, has_residual=True)
+        return F.linear(u, self.lm_head).float()
+
+
+class _GraphedStep:
+    """Static buffers + the captured graph of one batch size."""
+
+    def __init__(self, decoder: FastDecoder, batch: int, state: MambaState, use_graph: bool, pool=None):
+        self.decoder = decoder
+        self.state = state                                   # the static state object handed to callers
+        self.ids = torch.zeros(batch, dtype=torch.long, device=state.ssm[0].device)
+        self.graph = None
+        self.logits = None
+        if use_graph:
+            saved = state.clone()
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):                  # warm-up: Triton compiles, cuBLAS picks kernels
+                for _ in range(2):
+                    decoder.step(self.ids, state.conv, state.ssm)
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = decoder.step(self.ids, state.conv, state.ssm)
+            copy_state(saved, state)                         # warm-up and capture advanced nothing visible
+
+    def run(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids, non_blocking=True)
+        if self.graph is None:
+            return self.decoder.step(self.ids, self.state.conv, self.state.ssm)
+        self.graph.replay()
+        return self.logits.clone()
+
+
+def copy_state(src: MambaState, dst: MambaState) -> None:
+    for a, b in zip(src.conv, dst.conv):
+        b.copy_(a, non_blocking=True)
+    for a, b in zip(src.ssm, dst.ssm):
+        b.copy_(a, non_blocking=True)
+
+
+class FastSession(Session):
+    backend = "torch-fast"
+
+    def __init__(self, model: MambaLM, use_graph: bool | None = None):
+        if model.device.type != "cuda" and use_graph is not False:
+            raise UserError("backend torch-fast needs a CUDA GPU (its decode step is fused Triton kernels in a "
+                            "CUDA graph); use --backend torch on the CPU")
+        self.model = model.eval()
+        c = model.config
+        self.n_layer, self.d_inner, self.d_conv, self.d_state = c.n_layer, c.d_inner, c.d_conv, c.d_state
+        self.vocab_size = c.padded_vocab_size
+        self.device = model.device
+        self.state_dtype = model.dtype
+        self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        with torch.inference_mode():
+            self.decoder = FastDecoder(model)
+        self._steps: dict[int, _GraphedStep] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None
+
+    # -- static buffers ---------------------------------------------------------------------------------------
+    def _step_for(self, batch: int) -> _GraphedStep:
+        g = self._steps.get(batch)
+        if g is None:
+            with torch.inference_mode():
+                g = _GraphedStep(self.decoder, batch, self.new_state(batch), self.use_graph, self._pool)
+            self._steps[batch] = g
+        return g
+
+    def static_state(self, batch: int) -> MambaState:
+        """The state object the fast path keeps for ``batch`` (what step/prefill return)."""
+        return self._step_for(batch).state
+
+    # -- Session API ------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, input_ids, state=None):
+        ids = self.check_ids(input_ids, 2).to(self.device)
+        b = ids.shape[0]
+        if state is not None:
+            self.check_state(state, b)
+        g = self._step_for(b)
+        logits = self._prefill(ids, state, g.state)
+        return logits, g.state
+
+    @torch.inference_mode()
+    def step(self, input_ids, state: MambaState):
+        ids = self.check_ids(input_ids, 1).to(self.device, non_blocking=True)
+        g = self._step_for(ids.shape[0])
+        if state is not g.state:                             # slow path: a state the session does not own
+            self.check_state(state, ids.shape[0])
+            copy_state(state, g.state)
+        return g.run(ids), g.state
+
+    # -- prefill ----------------------------------------------------------------------------------------------
+    def _prefill(self, ids: torch.Tensor, state: MambaState | None, out: MambaState) -> torch.Tensor:
+        """Layers over the whole prompt; final states written into ``out``; logits of the last position (fp32)."""
+        from ..ops.selective_scan import selective_scan
+        from ..ops.triton_decode import add_rmsnorm
+        dec, cfg = self.decoder, self.model.config
+        backend = self.model._resolve_backend(ids.device)
+        b, L = ids.shape
+        d, k = cfg.d_inner, cfg.d_conv
+        h = F.embedding(ids, dec.embedding).view(b * L, -1)
+        residual = torch.empty(b * L, cfg.d_model, dtype=dec.residual_dtype, device=ids.device)
+        u = torch.empty_like(h)
+        for i, w in enumerate(dec.layers):
+            add_rmsnorm(h, residual, w.norm_w, dec.eps, u, has_residual=i > 0)
+            xz = F.linear(u, w.in_w, w.in_b).view(b, L, 2 * d)
+            x = xz[..., :d].transpose(1, 2)                                                # [b, d, L]
+            z = xz[..., d:].transpose(1, 2)
+            conv0 = (state.conv[i].to(x.dtype) if state is not None
+                     else x.new_zeros(b, d, k))
+            history = torch.cat([conv0, x], dim=-1)                                        # [b, d, k + L]
+            out.conv[i].copy_(history[..., -k:])
+            xc = F.silu(F.conv1d(history[..., 1:], w.conv_w[:, None, :], w.conv_b, groups=d))  # [b, d, L]
+            xdbl = F.linear(xc.transpose(1, 2).reshape(b * L, d), w.x_w)                   # [b·L, R + 2N]
+            R, N = w.dt_w.shape[1], w.A.shape[1]
+            dt_raw, B, C = xdbl.split([R, N, N], dim=-1)
+            dt = F.linear(dt_raw, w.dt_w).view(b, L, d).transpose(1, 2)
+            B = B.reshape(b, L, N).transpose(1, 2)
+            C = C.reshape(b, L, N).transpose(1, 2)
+            y, h_last = selective_scan(xc, dt, w.A, B, C, D=w.D, z=z, delta_bias=w.dt_b, delta_softplus=True,
+                                       initial_state=None if state is None else state.ssm[i], backend=backend)
+            out.ssm[i].copy_(h_last)
+            h = F.linear(y.transpose(1, 2).reshape(b * L, d), w.out_w, w.out_b)
+        last = (torch.arange(b, device=ids.device) + 1) * L - 1                            # last position rows
+        u_last = torch.empty(b, cfg.d_model, dtype=u.dtype, device=u.device)
+        res_last = residual[last].contiguous()
+        add_rmsnorm(h[last].contiguous(), res_last, dec.norm_f, dec.eps, u_last, has_residual=True)
+        return F.linear(u_last, dec.lm_head).float()
+
+
+def open_fast_session(source, device="cuda", dtype=None, use_graph=None, **_) -> FastSession:
+    """``source``: a MambaLM, a checkpoint ref, or an artifact (its manifest names the source checkpoint).
+    Default dtype fp16 (the decode kernels are written for half-precision weights; fp32/bf16 work too)."""
+    if isinstance(source, MambaLM):
+        return FastSession(source, use_graph=use_graph)
+    from ..checkpoint import load_model
+    if is_artifact(source):
+        from ..onnx.manifest import read_manifest
+        source = read_manifest(source)["source"]["checkpoint"]
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("backend torch-fast needs a CUDA GPU and none is visible; use --backend torch")
+    return FastSession(load_model(source, dtype=dtype or torch.float16, device=device), use_graph=use_graph)
