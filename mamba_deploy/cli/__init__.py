@@ -15,6 +15,7 @@ from .. import __version__
 COMMANDS = {
     "info": ("info", "Show a checkpoint's format, config, parameter count and memory needs."),
     "random": ("random_ckpt", "Write a checkpoint of a named size with random weights (no hub needed)."),
+    "bench": ("bench", "Time prefill and decode of several backends side by side, against the HBM floor."),
 }
 
 
