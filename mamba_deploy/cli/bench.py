@@ -1,0 +1,98 @@
+"""``mamba-deploy bench``: prefill and decode speed of several backends side by side (and the HBM floor on a GPU)."""
+from __future__ import annotations
+
+import click
+
+from ..config import SIZES
+
+
+def _int_list(ctx, param, value):
+    try:
+        out = [int(v) for v in str(value).split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers such as 1,8,64, got {value!r}") from None
+    if not out or min(out) < 1:
+        raise click.BadParameter(f"expected positive integers such as 1,8,64, got {value!r}")
+    return out
+
+
+@click.command(name="bench")
+@click.option("--artifact", type=click.Path(file_okay=False), default=None,
+              help="An exported artifact directory (onnxruntime runs it; torch backends load its source checkpoint).")
+@click.option("--model", "model_ref", metavar="REF", default=None,
+              help="A checkpoint: local directory or hub id (onnxruntime gets a temporary export of it).")
+@click.option("--random", "random_size", type=click.Choice(list(SIZES)), default=None,
+              help="Random weights of a released model's shape (no hub needed), e.g. 370m.")
+@click.option("--backend", "backends", default=None, metavar="LIST",
+              help="Comma-separated backends: torch, torch-fast (CUDA), onnxruntime, … "
+                   "[default: torch,torch-fast on a GPU, torch on the CPU]")
+@click.option("--batch", "batches", default="1", callback=_int_list, show_default=True, metavar="LIST",
+              help="Comma-separated batch sizes.")
+@click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Prompt tokens per sequence for the prefill timing (and before decoding).")
+@click.option("--gen-len", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Decode steps per timed repetition.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Weight precision [default: fp16 on a GPU, fp32 on the CPU].")
+@click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda when a GPU is visible].")
+@click.option("--reps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Timed repetitions (medians are reported).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed repetitions.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and token ids.")
+@click.option("--ort-tf32/--no-ort-tf32", default=False, show_default=True,
+              help="Let onnxruntime's CUDA provider use TF32 matrix math.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+              help="Write a bar chart of decode ms/step (PNG/SVG/PDF by extension).")
+def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen_len, dtype, device, reps, warmup,
+            seed, ort_tf32, json_path, plot_path):
+    """Time prefill (ms, tokens/s) and decode (ms/step, tokens/s) of each backend at each batch size, with peak
+    device memory; on a GPU also the decode floor (weight bytes + state traffic over the HBM bandwidth measured
+    in the same run) and the ratio to it.
+
+    \b
+    Examples:
+      mamba-deploy bench --random tiny --backend torch,onnxruntime --batch 1,4
+      mamba-deploy bench --random 370m --backend torch-fast,torch --batch 1,8,64 --prompt-len 2048 \\
+          --gen-len 128 --json bench.json --plot bench.png
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..bench import format_table, load_source, plot_decode, run_bench, write_json
+    from ..checkpoint import parse_dtype
+    from ..errors import UserError
+    from ..runtime.session import BACKENDS
+
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device name; use cuda, cuda:N or cpu") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
+    names = [b.strip() for b in (backends or ("torch,torch-fast" if dev.type == "cuda" else "torch")).split(",")
+             if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown:
+        raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    if "torch-fast" in names and dev.type != "cuda":
+        raise UserError("backend torch-fast needs a CUDA GPU; drop it from --backend on the CPU")
+    torch_dtype = parse_dtype(dtype or ("fp16" if dev.type == "cuda" else "fp32"))
+    if dev.type == "cpu" and torch_dtype == torch.float16 and "torch" in names:
+        click.echo("note: fp16 on the CPU is slow in PyTorch; fp32 is the usual CPU precision", err=True)
+
+    ort_options = {"use_tf32": ort_tf32} if "onnxruntime" in names and dev.type == "cuda" else None
+    source = load_source(artifact, model_ref, random_size, torch_dtype, dev, seed)
+    click.echo(f"benchmarking {source.label} ({str(torch_dtype).replace('torch.', '')}) on {dev}: "
+               f"backends {', '.join(names)}, batch {','.join(map(str, batches))}, prompt {prompt_len}, "
+               f"{gen_len} decode steps, {reps} reps", err=True)
+    report = run_bench(source, names, batches, prompt_len, gen_len, dev, torch_dtype, reps=reps, warmup=warmup,
+                       seed=seed, ort_options=ort_options,
+                       progress=lambda it: tqdm(it, desc="batches", leave=False, unit="batch"))
+    click.echo(format_table(report))
+    if json_path:
+        click.echo(f"wrote {write_json(report, json_path)}", err=True)
+    if plot_path:
+        click.echo(f"wrote {plot_decode(report, plot_path)}", err=True)
