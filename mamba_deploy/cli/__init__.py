@@ -15,9 +15,7 @@ from .. import __version__
 COMMANDS = {
     "info": ("info", "Show a checkpoint's format, config, parameter count and memory needs."),
     "random": ("random_ckpt", "Write a checkpoint of a named size with random weights (no hub needed)."),
-    "bench": ("bench", "Time prefill and decode of several backends side by side, against the HBM floor."),
-    "generate": ("generate", "Continue prompts on any backend (greedy or sampled), streaming tokens."),
-    "check": ("check", "Compare an artifact's backends with the PyTorch source model (Polygraphy); exit 1 on failure."),
+    "export": ("export", "Export a checkpoint to an ONNX artifact (step + prefill graphs, manifest)."),
 }
 
 

@@ -125,7 +125,8 @@ class GraphBuilder:
         model = helper.make_model(
             graph, ir_version=contract.IR_VERSION, producer_name=contract.EXPORTER_NAME, producer_version=__version__,
             opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)],
-            functions=functions(opset))
+            functions=[f for f in functions(opset) if f.name in {n.op_type for n in self.nodes
+                                                                  if n.domain == contract.DOMAIN}])
         return model
 
 

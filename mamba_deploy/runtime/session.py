@@ -23,6 +23,7 @@ from ..model import MambaState
 # backend name → "module:factory" (factory(source, **options) -> Session); imported only when asked for
 BACKENDS: dict[str, str] = {
     "torch": "mamba_deploy.runtime.torch_session:open_torch_session",
+    "onnxruntime": "mamba_deploy.runtime.ort_session:open_ort_session",
     "torch-fast": "mamba_deploy.runtime.fast_session:open_fast_session",
 }
 

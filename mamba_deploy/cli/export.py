@@ -1,0 +1,54 @@
+"""``mamba-deploy export``: a checkpoint → an ONNX artifact (step.onnx, prefill.onnx, weights, manifest.json)."""
+from __future__ import annotations
+
+import time
+
+import click
+
+from .options import model_option
+
+
+@click.command(name="export")
+@model_option
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
+              help="Artifact directory to write [default: export/<model-name>].")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="Precision of weights and activations (the SSM state and logits stay fp32) "
+                   "[default: as stored].")
+@click.option("--opset", type=int, default=None, metavar="N",
+              help="Default-domain ONNX opset (18 or newer that the artifact's IR version allows) [default: 18].")
+@click.option("--all-logits", is_flag=True,
+              help="prefill.onnx returns the logits of every position [batch, seq, vocab] instead of the last one.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists (the old artifact stays until the new one "
+                                            "is complete).")
+def command(model_ref, out_dir, dtype, opset, all_logits, force):
+    """Export a Mamba-1 checkpoint to an ONNX artifact that ONNX Runtime and TensorRT run.
+
+    \b
+    The artifact directory holds
+      step.onnx          one token:   input_ids [batch] + per-layer states → logits [batch, vocab] + states
+      prefill.onnx       a sequence:  input_ids [batch, seq] + states → last logits (or all) + final states
+      weights.onnx.data  the weights, shared by both graphs (external data)
+      manifest.json      dims, dtypes, I/O names and shapes, ops, checksums, source checkpoint
+    The selective scan is one node per layer (mamba_deploy::SelectiveScanStep / SelectiveScan), defined as an
+    ONNX function of standard ops. It is written to a temporary directory and renamed when complete.
+
+    \b
+    Example:
+      mamba-deploy export --model state-spaces/mamba-370m --dtype fp16 --out export/mamba-370m-fp16
+    """
+    from ..onnx import contract
+    from ..onnx.export import export
+
+    start = time.perf_counter()
+
+    def progress(message):
+        click.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
+
+    out = export(model_ref, out_dir, dtype=dtype, opset=opset or contract.DEFAULT_OPSET, all_logits=all_logits,
+                 force=force, progress=progress)
+    from ..onnx.manifest import read_manifest
+    m = read_manifest(out)
+    size = sum(f["bytes"] for f in m["files"].values())
+    click.echo(f"wrote {out} ({m['dtype']}, {m['dims']['n_layer']} layers, opset {m['onnx']['opset']}, "
+               f"{size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f}s")
