@@ -1,0 +1,441 @@
+"""Selective scan (Mamba-1 S6) in Triton: forward and backward kernels and their autograd wrapper.
+
+Same function as :func:`mamba_deploy.ops.selective_scan.selective_scan_ref` (the ground truth, pure torch, right
+next door; its float64 autograd gives the reference gradients the tests compare against). Notation (Gu & Dao 2023,
+Alg. 2), per channel d, state index n and time step t:
+
+    δ_t = softplus(δ_raw_t + δ_bias)            a_t = exp(δ_t A)           b_t = δ_t u_t B_t
+    h_t = a_t ⊙ h_{t−1} + b_t                   y_t = ⟨h_t, C_t⟩ + D u_t    out_t = y_t · SiLU(z_t)
+
+Forward. One program per (batch, block of BD channels); it walks the sequence in chunks of T steps, the state
+h [N, BD] (fp32) carried in registers. The tile of a chunk is a 5-D tensor [T, NS, DS, DLW, NL]:
+
+    time t = t0 + i (i < T)      state n = ns·NL + nl      channel d = d0 + ds·DLW + dl
+
+Triton's default layout gives each thread all T steps and NS×DS elements (the in-thread axes), and spreads NL
+state lanes × (32/NL) channel lanes over a warp, the warps over channels. So the recurrence along time
+(``tl.associative_scan`` on (a, b) pairs) is a sequential in-register loop, and the sums over n (for y) cost
+log2(NL) shuffles per NS elements. The state entering a chunk is folded into its first b (b_0 += a_0 h_prev), so
+the scan yields h_t directly. Padded steps (t ≥ L) have δ = 0, i.e. a = 1, b = 0: they leave the state unchanged.
+When a backward will follow, the state entering every chunk is saved ([batch, L/T, D, N] fp32) — nothing of size
+[batch, D, L, N] is ever written.
+
+Backward (reverse-mode, chunks in reverse order). With g_t = ∂ℓ/∂h_t (the adjoint) and dy_t = ∂ℓ/∂y_t:
+
+    g_t = a_{t+1} ⊙ g_{t+1} + C_t dy_t        (a reverse scan; a_{t+1} from δ loaded one step ahead)
+    ∂ℓ/∂δ_t = Σ_n g_t (u_t B_t + A (h_t − b_t))     [h_t − b_t = a_t h_{t−1}, as upstream]
+    ∂ℓ/∂u_t = δ_t Σ_n g_t B_t + D dy_t          ∂ℓ/∂A = Σ_t δ_t g_t (h_t − b_t)
+    ∂ℓ/∂B_t = Σ_d g_t δ_t u_t                   ∂ℓ/∂C_t = Σ_d dy_t h_t          ∂ℓ/∂h_0 = a_1 g_1
+The chunk's states h_t are recomputed from its saved start state. ∂ℓ/∂B and ∂ℓ/∂C (sums over channels) are
+reduced within the program and added across channel blocks with fp32 atomics; ∂A, ∂D, ∂δ_bias are written per
+batch row and summed in torch.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+# ----------------------------------------------------------------------------------------------- device helpers
+
+@triton.jit
+def _affine_combine(a1, b1, a2, b2):
+    """(a1, b1) then (a2, b2): x ↦ a2 (a1 x + b1) + b2."""
+    return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _softplus(x):
+    """softplus with torch's threshold 20; log1p written out (Kahan) so small exp(x) keeps its precision."""
+    e = tl.exp(tl.minimum(x, 20.0))
+    w = 1.0 + e
+    log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    return tl.where(x > 20.0, x, log1p)
+
+
+@triton.jit
+def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """δ = softplus(δ_raw + bias) in fp32, and δ_raw + bias (for the backward); 0 where masked."""
+    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        raw = raw + bias
+    if SOFTPLUS:
+        dt = _softplus(raw)
+    else:
+        dt = raw
+    return tl.where(mask, dt, 0.0), raw
+
+
+# ----------------------------------------------------------------------------------------------- forward kernel
+
+@triton.jit
+def _scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
+    out_ptr, hT_ptr, hs_ptr,
+    Dm, L, N, n_chunks,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
+    s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr,
+    T: tl.constexpr, NS: tl.constexpr, NL: tl.constexpr, DS: tl.constexpr, DLW: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    BD: tl.constexpr = DS * DLW
+    # 5-D index tensors: [T, NS, DS, DLW, NL]
+    ti = tl.arange(0, T)[:, None, None, None, None]
+    n = (tl.arange(0, NS)[None, :, None, None, None] * NL + tl.arange(0, NL)[None, None, None, None, :])
+    d = (pid_d * BD + tl.arange(0, DS)[None, None, :, None, None] * DLW
+         + tl.arange(0, DLW)[None, None, None, :, None])
+    n_ok = n < N
+    d_ok = d < Dm
+    dn_ok = n_ok & d_ok
+
+    # A in log2 units: a = exp2(δ · A·log2 e)
+    A2 = tl.load(A_ptr + d * s_Ad + n * s_An, mask=dn_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    state_offs = pid_b * Dm * N + d * N + n                         # [1, NS, DS, DLW, NL] into [batch, D, N]
+    if HAS_H0:
+        h = tl.load(h0_ptr + state_offs, mask=dn_ok, other=0.0)
+    else:
+        h = tl.zeros([1, NS, DS, DLW, NL], dtype=tl.float32)
+
+    for c in range(0, n_chunks):
+        t = c * T + ti
+        if SAVE_STATES:
+            tl.store(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d * N + n, h, mask=dn_ok)
+        t_ok = t < L
+        m_dt = d_ok & t_ok                                            # [T, 1, DS, DLW, 1]
+        dt, _ = _load_delta(delta_ptr + pid_b * s_db, bias, d * s_dd + t * s_dl, m_dt, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + pid_b * s_ub + d * s_ud + t * s_ul, mask=m_dt, other=0.0).to(tl.float32)
+        m_nt = n_ok & t_ok                                            # [T, NS, 1, 1, NL]
+        Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=m_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=m_nt, other=0.0).to(tl.float32)
+
+        a = tl.exp2(dt * A2)                                          # Ā_t
+        b = (dt * u) * Bt                                             # B̄_t u_t
+        b = tl.where(ti == 0, a * h + b, b)                           # fold in the state entering the chunk
+        _, hh = tl.associative_scan((a, b), 0, _affine_combine)       # h_t, t in chunk
+        y = tl.sum(tl.sum(hh * Ct, axis=4, keep_dims=True), axis=1, keep_dims=True)   # [T, 1, DS, DLW, 1]
+        h = tl.sum(tl.where(ti == T - 1, hh, 0.0), axis=0, keep_dims=True)
+
+        if HAS_D:
+            y += Dv * u
+        if HAS_Z:
+            zv = tl.load(z_ptr + pid_b * s_zb + d * s_zd + t * s_zl, mask=m_dt, other=0.0).to(tl.float32)
+            y = y * zv * tl.sigmoid(zv)
+        tl.store(out_ptr + pid_b * s_ob + d * s_od + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m_dt)
+
+    tl.store(hT_ptr + state_offs, h, mask=dn_ok)
+
+
+# ----------------------------------------------------------------------------------------------- backward kernel
+
+@triton.jit
+def _scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, dout_ptr, dhT_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
+    Dm, L, N, n_chunks,
+    s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
+    s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    T: tl.constexpr, NS: tl.constexpr, NL: tl.constexpr, DS: tl.constexpr, DLW: tl.constexpr,
+):
+    """Gradients; du, dδ, dz have the layout of u ([batch, D, L], contiguous); dB, dC are fp32 [batch, N, L]
+    accumulated with atomics (zeroed by the caller); dA [batch, D, N], dD and dδ_bias [batch, D] are per-row."""
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    BD: tl.constexpr = DS * DLW
+    ti = tl.arange(0, T)[:, None, None, None, None]
+    n = (tl.arange(0, NS)[None, :, None, None, None] * NL + tl.arange(0, NL)[None, None, None, None, :])
+    d = (pid_d * BD + tl.arange(0, DS)[None, None, :, None, None] * DLW
+         + tl.arange(0, DLW)[None, None, None, :, None])
+    n_ok = n < N
+    d_ok = d < Dm
+    dn_ok = n_ok & d_ok
+
+    A = tl.load(A_ptr + d * s_Ad + n * s_An, mask=dn_ok, other=0.0).to(tl.float32)
+    A2 = A * 1.4426950408889634
+    if HAS_D:
+        Dv = tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+    else:
+        bias = 0.0
+    state_offs = pid_b * Dm * N + d * N + n
+    if HAS_DHT:
+        carry = tl.load(dhT_ptr + state_offs, mask=dn_ok, other=0.0)   # ∂ℓ/∂h at the chunk's end, from later
+    else:
+        carry = tl.zeros([1, NS, DS, DLW, NL], dtype=tl.float32)
+    dA_acc = tl.zeros([1, NS, DS, DLW, NL], dtype=tl.float32)
+    dD_acc = tl.zeros([1, 1, DS, DLW, 1], dtype=tl.float32)
+    dbias_acc = tl.zeros([1, 1, DS, DLW, 1], dtype=tl.float32)
+
+    for i in range(0, n_chunks):
+        c = n_chunks - 1 - i
+        t = c * T + ti
+        t_ok = t < L
+        m_dt = d_ok & t_ok
+        m_nt = n_ok & t_ok
+        io_offs = d * s_ud + t * s_ul
+        dt, draw = _load_delta(delta_ptr + pid_b * s_db, bias, d * s_dd + t * s_dl, m_dt, HAS_BIAS, SOFTPLUS)
+        # δ one step ahead inside the chunk (0 at the chunk's last step: the carry stands for what follows)
+        m_next = d_ok & (t + 1 < L) & (ti < T - 1)
+        dt_next, _ = _load_delta(delta_ptr + pid_b * s_db, bias, d * s_dd + (t + 1) * s_dl, m_next,
+                                 HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + pid_b * s_ub + io_offs, mask=m_dt, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=m_nt, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=m_nt, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + pid_b * s_gb + d * s_gd + t * s_gl, mask=m_dt, other=0.0).to(tl.float32)
+
+        # recompute the chunk's states from its saved start state
+        h_start = tl.load(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d * N + n, mask=dn_ok, other=0.0)
+        a = tl.exp2(dt * A2)
+        b = (dt * u) * Bt
+        b0 = tl.where(ti == 0, a * h_start + b, b)
+        _, hh = tl.associative_scan((a, b0), 0, _affine_combine)
+
+        # undo the output gate: dy = ∂ℓ/∂y (pre-gate), dz
+        if HAS_Z:
+            zv = tl.load(z_ptr + pid_b * s_zb + d * s_zd + t * s_zl, mask=m_dt, other=0.0).to(tl.float32)
+            sz = tl.sigmoid(zv)
+            y = tl.sum(tl.sum(hh * Ct, axis=4, keep_dims=True), axis=1, keep_dims=True)
+            if HAS_D:
+                y += Dv * u
+            dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
+            tl.store(dz_ptr + pid_b * s_ub + io_offs, dz.to(dz_ptr.dtype.element_ty), mask=m_dt)
+            dy = dout * zv * sz
+        else:
+            dy = dout
+
+        # adjoint: g_t = a_{t+1} g_{t+1} + C_t dy_t, the carry folded into the chunk's last step
+        a_next = tl.exp2(dt_next * A2)
+        cdy = Ct * dy
+        cdy = tl.where(ti == T - 1, cdy + carry, cdy)
+        _, g = tl.associative_scan((a_next, cdy), 0, _affine_combine, reverse=True)
+        carry = tl.sum(tl.where(ti == 0, a * g, 0.0), axis=0, keep_dims=True)   # ∂ℓ/∂h_{t0−1}
+
+        hb = hh - b                                                   # a_t h_{t−1}
+        gB = tl.sum(tl.sum(g * Bt, axis=4, keep_dims=True), axis=1, keep_dims=True)            # Σ_n g B
+        gAhb = tl.sum(tl.sum(g * hb * A, axis=4, keep_dims=True), axis=1, keep_dims=True)      # Σ_n g A a h
+        dA_acc += tl.sum(dt * g * hb, axis=0, keep_dims=True)
+        ddt = u * gB + gAhb
+        du = dt * gB
+        if HAS_D:
+            du += Dv * dy
+            dD_acc += tl.sum(dy * u, axis=0, keep_dims=True)
+        if SOFTPLUS:
+            ddraw = tl.where(draw > 20.0, ddt, ddt * tl.sigmoid(draw))
+        else:
+            ddraw = ddt
+        ddraw = tl.where(m_dt, ddraw, 0.0)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddraw, axis=0, keep_dims=True)
+        tl.store(du_ptr + pid_b * s_ub + io_offs, du.to(du_ptr.dtype.element_ty), mask=m_dt)
+        tl.store(ddelta_ptr + pid_b * s_ub + io_offs, ddraw.to(ddelta_ptr.dtype.element_ty), mask=m_dt)
+
+        # channel sums for ∂B, ∂C: within the program, then across channel blocks by atomics
+        dBc = tl.sum(tl.sum(g * (dt * u), axis=3, keep_dims=True), axis=2, keep_dims=True)    # [T, NS, 1, 1, NL]
+        dCc = tl.sum(tl.sum(hh * dy, axis=3, keep_dims=True), axis=2, keep_dims=True)
+        bc_offs = pid_b * N * L + n * L + t
+        tl.atomic_add(dB_ptr + bc_offs, dBc, mask=m_nt, sem="relaxed")
+        tl.atomic_add(dC_ptr + bc_offs, dCc, mask=m_nt, sem="relaxed")
+
+    tl.store(dh0_ptr + state_offs, carry, mask=dn_ok)
+    tl.store(dA_ptr + state_offs, dA_acc, mask=dn_ok)
+    if HAS_D:
+        tl.store(dD_ptr + pid_b * Dm + d, dD_acc, mask=d_ok)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + pid_b * Dm + d, dbias_acc, mask=d_ok)
+
+
+# ----------------------------------------------------------------------------------------------- launch configs
+
+class ScanConfig:
+    """Tile of one program: T steps per chunk; N = NS (in-thread) × NL (lanes); BD = DS (in-thread) × DLW."""
+
+    def __init__(self, T: int, NS: int, DS: int, num_warps: int):
+        self.T, self.NS, self.DS, self.num_warps = T, NS, DS, num_warps
+
+    def __repr__(self) -> str:
+        return f"ScanConfig(T={self.T}, NS={self.NS}, DS={self.DS}, num_warps={self.num_warps})"
+
+    def meta(self, N: int, Dm: int) -> dict:
+        NP = triton.next_power_of_2(N)
+        NS = min(self.NS, NP)
+        NL = NP // NS
+        if _interpreting():
+            # layouts mean nothing to the interpreter: keep the tile small (it runs numpy, element by element scans)
+            DLW = min(4, triton.next_power_of_2(Dm))
+        else:
+            DLW = max(1, 32 // NL) * self.num_warps
+        return dict(T=self.T, NS=NS, NL=NL, DS=self.DS, DLW=DLW)
+
+
+def default_configs(N: int) -> tuple[ScanConfig, ScanConfig]:
+    """(forward, backward) tiles; both use the same T (the backward restarts from the states saved per chunk)."""
+    if _interpreting():
+        return ScanConfig(8, 2, 1, 1), ScanConfig(8, 2, 1, 1)
+    if N <= 16:
+        return ScanConfig(16, 4, 1, 4), ScanConfig(16, 4, 1, 4)
+    return ScanConfig(16, 4, 1, 4), ScanConfig(16, 4, 1, 4)
+
+
+_CONFIG_OVERRIDE: dict[str, ScanConfig] = {}
+
+
+def set_configs(fwd: ScanConfig | None = None, bwd: ScanConfig | None = None) -> None:
+    """Pin the tiles (benchmark sweeps); ``None`` restores the defaults."""
+    for key, cfg in (("fwd", fwd), ("bwd", bwd)):
+        if cfg is None:
+            _CONFIG_OVERRIDE.pop(key, None)
+        else:
+            _CONFIG_OVERRIDE[key] = cfg
+
+
+def _configs(N: int) -> tuple[ScanConfig, ScanConfig]:
+    f, b = default_configs(N)
+    return _CONFIG_OVERRIDE.get("fwd", f), _CONFIG_OVERRIDE.get("bwd", b)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must both be [batch, d_inner, L]; got {tuple(u.shape)}, {tuple(delta.shape)}")
+    batch, Dm, L = u.shape
+    if A.dim() != 2 or A.shape[0] != Dm:
+        raise ValueError(f"A must be [d_inner, N] = [{Dm}, N]; got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, t in (("B", B), ("C", C)):
+        if t.shape != (batch, N, L):
+            raise ValueError(f"{name} must be [batch, N, L] = {(batch, N, L)}; got {tuple(t.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}; got {tuple(z.shape)}")
+    for name, t in (("D", D), ("delta_bias", delta_bias)):
+        if t is not None and t.shape != (Dm,):
+            raise ValueError(f"{name} must be [d_inner] = [{Dm}]; got {tuple(t.shape)}")
+    if initial_state is not None and initial_state.shape != (batch, Dm, N):
+        raise ValueError(f"initial_state must be [batch, d_inner, N] = {(batch, Dm, N)}; "
+                         f"got {tuple(initial_state.shape)}")
+    if N > 256:
+        raise ValueError(f"the Triton scan supports N <= 256 (got {N})")
+    return batch, Dm, L, N
+
+
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, save_states):
+    batch, Dm, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
+    cfg, _ = _configs(N)
+    meta = cfg.meta(N, Dm)
+    T = meta["T"]
+    n_chunks = max(1, triton.cdiv(L, T))
+    out = torch.empty_like(u)
+    hT = torch.empty(batch, Dm, N, device=u.device, dtype=torch.float32)
+    hs = (torch.empty(batch, n_chunks, Dm, N, device=u.device, dtype=torch.float32) if save_states else hT)
+    zz = z if z is not None else u
+    grid = (triton.cdiv(Dm, meta["DS"] * meta["DLW"]), batch)
+    _scan_fwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
+        h0 if h0 is not None else hT, out, hT, hs,
+        Dm, L, N, n_chunks,
+        *u.stride(), *delta.stride(), *zz.stride(), *out.stride(),
+        *A.stride(), *B.stride(), *C.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        HAS_H0=h0 is not None, SAVE_STATES=save_states, num_warps=cfg.num_warps, **meta)
+    return out, hT, (hs if save_states else None), T
+
+
+def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, hs, T_fwd, dout, dhT):
+    batch, Dm, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
+    _, cfg = _configs(N)
+    meta = cfg.meta(N, Dm)
+    if meta["T"] != T_fwd:
+        raise RuntimeError(f"backward tile T={meta['T']} differs from the forward's T={T_fwd}")
+    T = T_fwd
+    n_chunks = hs.shape[1]
+    dout = dout.contiguous()
+    du = torch.empty_like(u)
+    ddelta = torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dA = torch.empty(batch, Dm, N, device=u.device, dtype=torch.float32)
+    dB = torch.zeros(batch, N, L, device=u.device, dtype=torch.float32)
+    dC = torch.zeros(batch, N, L, device=u.device, dtype=torch.float32)
+    dD = torch.empty(batch, Dm, device=u.device, dtype=torch.float32) if D is not None else None
+    dbias = torch.empty(batch, Dm, device=u.device, dtype=torch.float32) if delta_bias is not None else None
+    dh0 = torch.empty(batch, Dm, N, device=u.device, dtype=torch.float32)
+    zz = z if z is not None else u
+    grid = (triton.cdiv(Dm, meta["DS"] * meta["DLW"]), batch)
+    _scan_bwd_kernel[grid](
+        u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A, hs, dout,
+        dhT if dhT is not None else dh0,
+        du, ddelta, dz if dz is not None else du, dA, dB, dC,
+        dD if dD is not None else dA, dbias if dbias is not None else dA, dh0,
+        Dm, L, N, n_chunks,
+        *u.stride(), *delta.stride(), *zz.stride(), *dout.stride(),
+        *A.stride(), *B.stride(), *C.stride(),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
+        HAS_DHT=dhT is not None, num_warps=cfg.num_warps, **meta)
+    return du, ddelta, dA.sum(0), dB, dC, (dD.sum(0) if dD is not None else None), dz, \
+        (dbias.sum(0) if dbias is not None else None), dh0
+
+
+class SelectiveScanTriton(torch.autograd.Function):
+    """Autograd wrapper: forward saves the per-chunk start states; backward recomputes everything else."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+        u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
+        z = z.contiguous() if z is not None else None
+        A = A.contiguous()
+        D = D.contiguous() if D is not None else None
+        delta_bias = delta_bias.contiguous() if delta_bias is not None else None
+        h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
+        save = any(ctx.needs_input_grad)
+        out, hT, hs, T = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, save)
+        if save:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
+            ctx.softplus, ctx.T = delta_softplus, T
+            ctx.has_h0 = initial_state is not None
+            ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
+        return out, hT
+
+    @staticmethod
+    def backward(ctx, dout, dhT):
+        u, delta, A, B, C, D, z, delta_bias, hs = ctx.saved_tensors
+        if dout is None:
+            dout = torch.zeros_like(u)
+        du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd(
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, hs, ctx.T, dout,
+            dhT.to(torch.float32).contiguous() if dhT is not None else None)
+        return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
+                dD.to(D.dtype) if dD is not None else None, dz,
+                dbias.to(delta_bias.dtype) if dbias is not None else None, None,
+                dh0.to(ctx.h0_dtype) if ctx.has_h0 else None)
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                          initial_state=None):
+    """Triton selective scan; same contract as ``selective_scan_ref``. Returns (y in u's dtype, final state fp32).
+
+    u, δ, z: [batch, d_inner, L] (fp32/fp16/bf16); A: [d_inner, N] fp32; B, C: [batch, N, L]; D, δ_bias:
+    [d_inner]; initial_state: [batch, d_inner, N]. Differentiable in every tensor argument.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    if u.dtype == torch.float64:
+        raise ValueError("the Triton scan computes in fp32; use selective_scan_ref for float64")
+    return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
