@@ -138,9 +138,11 @@ def _ssm_step_kernel(xdbl_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, x_ptr, z_ptr, sta
         row = pid_m * ROWS + i
         if row < M:
             base = xdbl_ptr + row * stride_xdbl
-            dt_raw = tl.load(base + rs, mask=rmask, other=0.0).to(tl.float32)
-            B = tl.load(base + R + ns, mask=nmask, other=0.0).to(tl.float32)
-            C = tl.load(base + R + N + ns, mask=nmask, other=0.0).to(tl.float32)
+            # xdbl may be an fp32 accumulator (small-batch path): round as x_proj's output is rounded
+            act = y_ptr.dtype.element_ty
+            dt_raw = tl.load(base + rs, mask=rmask, other=0.0).to(act).to(tl.float32)
+            B = tl.load(base + R + ns, mask=nmask, other=0.0).to(act).to(tl.float32)
+            C = tl.load(base + R + N + ns, mask=nmask, other=0.0).to(act).to(tl.float32)
             x = tl.load(x_ptr + row * stride_x + ds, mask=dmask, other=0.0).to(tl.float32)
             z = tl.load(z_ptr + row * stride_z + ds, mask=dmask, other=0.0).to(tl.float32)
             s_ptrs = state_ptr + row * stride_sb + ds[:, None] * stride_sd + ns[None, :]
@@ -182,3 +184,144 @@ def ssm_step_ref(xdbl, dt_weight, dt_bias, A, D, x, z, ssm_state):
     dt = F.linear(dt_raw.to(dt_weight.dtype), dt_weight).to(x.dtype)
     return selective_state_update(ssm_state, x, dt, A, B, C, D=D.float(), z=z, delta_bias=dt_bias.float(),
                                   delta_softplus=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# small-batch path: three launches per layer
+#
+#   norm_in_proj   u = RMSNorm(r)·g (recomputed by every program: r is [M, d_model], a few KB);  [x, z] = W_in·u;
+#                  for the x half: conv step + SiLU (conv state in place) → x, and the x_proj partial product
+#                  W_x[:, block]·x[block] atomically added into xdbl (fp32, zeroed before the step); z stored
+#   ssm_step       as above, reading the fp32 xdbl (rounded to the activation dtype, as x_proj's output is)
+#   out_proj_add   r ← r + round_act(W_out · y)
+# For M ≤ 16 rows the redundant norm and the atomics are cheap next to the launches they save.
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _norm_in_proj_kernel(res_ptr, g_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr, conv_ptr, wx_ptr, xc_ptr, z_ptr, xdbl_ptr,
+                         M, K, d_inner, XD, eps,
+                         stride_r, stride_cb, stride_cd, stride_xc, stride_z, stride_xdbl,
+                         HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, KCONV: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         BLOCK_X: tl.constexpr):
+    pid_n = tl.program_id(0)
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    ks = tl.arange(0, BLOCK_K)
+    # pass 1: rstd of every row (the residual is tiny; every program recomputes it instead of a launch)
+    sq = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        r = tl.load(res_ptr + ms[:, None] * stride_r + kk[None, :], mask=mmask[:, None] & (kk[None, :] < K),
+                    other=0.0).to(tl.float32)
+        sq += tl.sum(r * r, axis=1)
+    rstd = 1.0 / tl.sqrt(sq / K + eps)
+    # pass 2: acc = u · W_inᵀ[:, block] with u = round_act(r · rstd · g), exactly the reference's rounding
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < K
+        r = tl.load(res_ptr + ms[:, None] * stride_r + kk[None, :], mask=mmask[:, None] & kmask[None, :],
+                    other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + kk, mask=kmask, other=0.0).to(tl.float32)
+        u = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty)
+        w = tl.load(w_ptr + ns[None, :] * K + kk[:, None], mask=kmask[:, None], other=0.0)   # [BLOCK_K, BLOCK_N]
+        acc += tl.dot(u, w)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ns).to(tl.float32)[None, :]
+    xz = acc.to(xc_ptr.dtype.element_ty)                                  # in_proj output, activation dtype
+    if pid_n * BLOCK_N < d_inner:
+        # x half: conv step over the KCONV taps, state shifted in place: s'[j] = s[j+1], s'[K−1] = x
+        cs = conv_ptr + ms[:, None] * stride_cb + ns[None, :] * stride_cd
+        cacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(KCONV):
+            if j < KCONV - 1:
+                s = tl.load(cs + (j + 1), mask=mmask[:, None], other=0.0)
+            else:
+                s = xz.to(conv_ptr.dtype.element_ty)
+            tl.store(cs + j, s, mask=mmask[:, None])
+            cacc += s.to(tl.float32) * tl.load(cw_ptr + ns * KCONV + j).to(tl.float32)[None, :]
+        if HAS_CONV_BIAS:
+            cacc += tl.load(cb_ptr + ns).to(tl.float32)[None, :]
+        xc = (cacc * tl.sigmoid(cacc)).to(xc_ptr.dtype.element_ty)
+        tl.store(xc_ptr + ms[:, None] * stride_xc + ns[None, :], xc, mask=mmask[:, None])
+        # x_proj partial: xdbl[m, j] += Σ_{c ∈ block} xc[m, c] · W_x[j, c]
+        js = tl.arange(0, BLOCK_X)
+        wx = tl.load(wx_ptr + js[None, :] * d_inner + ns[:, None], mask=js[None, :] < XD, other=0.0)
+        part = tl.dot(xc.to(wx_ptr.dtype.element_ty), wx)                                # [BLOCK_M, BLOCK_X]
+        tl.atomic_add(xdbl_ptr + ms[:, None] * stride_xdbl + js[None, :], part,
+                      mask=mmask[:, None] & (js[None, :] < XD))
+    else:
+        nz = ns - d_inner
+        tl.store(z_ptr + ms[:, None] * stride_z + nz[None, :], xz, mask=mmask[:, None])
+
+
+def norm_in_proj_conv_xproj(residual, norm_w, eps, in_w, in_b, conv_state, conv_w, conv_b, x_w, xc, z, xdbl,
+                            block_n: int = 32, block_k: int = 128) -> None:
+    """Small-batch fused front half of a layer (see above). residual [M, d_model] (read only); conv_state
+    [M, d, K] updated in place; xc, z [M, d] written; xdbl [M, R + 2N] fp32 must be zero on entry (accumulated)."""
+    M, Kdim = residual.shape
+    d = conv_w.shape[0]
+    XD = x_w.shape[0]
+    assert M <= 64 and d % block_n == 0 and in_w.is_contiguous() and x_w.is_contiguous()
+    assert conv_state.stride(2) == 1 and conv_state.stride(1) == conv_w.shape[1] and conv_w.is_contiguous()
+    assert xdbl.dtype == torch.float32 and xdbl.stride(1) == 1 and xc.stride(1) == 1 and z.stride(1) == 1
+    block_m = max(16, triton.next_power_of_2(M))
+    grid = (2 * d // block_n,)
+    _norm_in_proj_kernel[grid](
+        residual, norm_w, in_w, in_b if in_b is not None else in_w, conv_w, conv_b if conv_b is not None else conv_w,
+        conv_state, x_w, xc, z, xdbl, M, Kdim, d, XD, eps,
+        residual.stride(0), conv_state.stride(0), conv_state.stride(1), xc.stride(0), z.stride(0), xdbl.stride(0),
+        HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, KCONV=conv_w.shape[1],
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_X=max(16, triton.next_power_of_2(XD)),
+        num_warps=4, num_stages=3)
+
+
+def norm_in_proj_conv_xproj_ref(residual, norm_w, eps, in_w, in_b, conv_state, conv_w, conv_b, x_w):
+    """Returns (xc, z, xdbl fp32, new conv state) computed the unfused reference way."""
+    _, u = add_rmsnorm_ref(residual, residual, norm_w, eps, has_residual=False)
+    d = conv_w.shape[0]
+    xz = F.linear(u, in_w, in_b)
+    xc, new_state = conv_step_ref(xz[:, :d], conv_state, conv_w, conv_b)
+    return xc, xz[:, d:], F.linear(xc, x_w).float(), new_state
+
+
+@triton.jit
+def _out_proj_add_kernel(y_ptr, w_ptr, b_ptr, res_ptr, M, K, Nout, stride_y, stride_r,
+                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    ms = tl.arange(0, BLOCK_M)
+    mmask = ms < M
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ns < Nout
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + ks
+        kmask = kk < K
+        y = tl.load(y_ptr + ms[:, None] * stride_y + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + ns[None, :] * K + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
+        acc += tl.dot(y, w)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    h = acc.to(y_ptr.dtype.element_ty).to(tl.float32)                   # out_proj output, activation dtype
+    rp = res_ptr + ms[:, None] * stride_r + ns[None, :]
+    m2 = mmask[:, None] & nmask[None, :]
+    r = tl.load(rp, mask=m2, other=0.0).to(tl.float32) + h
+    tl.store(rp, r.to(res_ptr.dtype.element_ty), mask=m2)
+
+
+def out_proj_add(y, out_w, out_b, residual, block_n: int = 16, block_k: int = 256) -> None:
+    """residual ← residual + round_act(y · W_outᵀ + b). y [M, d_inner]; residual [M, d_model] updated in place."""
+    M, K = y.shape
+    Nout = out_w.shape[0]
+    assert M <= 64 and out_w.is_contiguous() and y.stride(1) == 1 and residual.stride(1) == 1
+    _out_proj_add_kernel[(triton.cdiv(Nout, block_n),)](
+        y, out_w, out_b if out_b is not None else out_w, residual, M, K, Nout, y.stride(0), residual.stride(0),
+        HAS_BIAS=out_b is not None, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=4, num_stages=3)
+
+
+def out_proj_add_ref(y, out_w, out_b, residual):
+    return (residual.float() + F.linear(y, out_w, out_b).float()).to(residual.dtype)

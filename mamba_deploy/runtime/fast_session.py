@@ -45,8 +45,12 @@ class _LayerWeights:
 class FastDecoder:
     """The decode step written with the fused kernels (eager; FastSession captures it in a graph)."""
 
-    def __init__(self, model: MambaLM):
+    def __init__(self, model: MambaLM, small_batch_max: int = 16):
         c = model.config
+        # batches up to this size take the three-launch path (norm recomputed per program, x_proj by atomics)
+        # (half-precision weights only: Triton's tl.dot would round fp32 operands to TF32)
+        half = model.dtype in (torch.float16, torch.bfloat16) or model.device.type == "cpu"
+        self.small_batch_max = small_batch_max if c.d_inner % 32 == 0 and half else 0
         self.config = c
         self.eps = c.norm_eps
         self.residual_dtype = torch.float32 if c.residual_in_fp32 else model.dtype
@@ -57,13 +61,41 @@ class FastDecoder:
         for layer in model.backbone.layers:
             m = layer.mixer
             self.layers.append(_LayerWeights(
-                norm_w=layer.norm.weight, in_w=m.in_proj.weight, in_b=m.in_proj.bias,
+                norm_w=layer.norm.weight, in_w=m.in_proj.weight.contiguous(), in_b=m.in_proj.bias,
                 conv_w=m.conv1d.weight[:, 0, :].contiguous(), conv_b=m.conv1d.bias,
-                x_w=m.x_proj.weight, dt_w=m.dt_proj.weight.contiguous(), dt_b=m.dt_proj.bias.float(),
-                A=m.A().contiguous(), D=m.D.float(), out_w=m.out_proj.weight, out_b=m.out_proj.bias))
+                x_w=m.x_proj.weight.contiguous(), dt_w=m.dt_proj.weight.contiguous(), dt_b=m.dt_proj.bias.float(),
+                A=m.A().contiguous(), D=m.D.float(), out_w=m.out_proj.weight.contiguous(), out_b=m.out_proj.bias))
 
     def step(self, ids: torch.Tensor, conv: list[torch.Tensor], ssm: list[torch.Tensor]) -> torch.Tensor:
         """ids [M] → logits [M, V] fp32; conv/ssm states updated in place."""
+        if ids.shape[0] <= self.small_batch_max:
+            return self.step_small(ids, conv, ssm)
+        return self.step_general(ids, conv, ssm)
+
+    def step_small(self, ids, conv, ssm) -> torch.Tensor:
+        """Three launches per layer (norm+in_proj+conv+x_proj, SSM step, out_proj+residual); M ≤ 64."""
+        from ..ops.triton_decode import add_rmsnorm, norm_in_proj_conv_xproj, out_proj_add, ssm_step
+        c = self.config
+        d = c.d_inner
+        residual = F.embedding(ids, self.embedding).to(self.residual_dtype)
+        M = residual.shape[0]
+        xd = self.layers[0].x_w.shape[0]
+        xdbl = torch.zeros(c.n_layer, M, xd, dtype=torch.float32, device=ids.device)     # x_proj accumulators
+        xc = torch.empty(M, d, dtype=self.embedding.dtype, device=ids.device)
+        z = torch.empty_like(xc)
+        y = torch.empty_like(xc)
+        for i, w in enumerate(self.layers):
+            norm_in_proj_conv_xproj(residual, w.norm_w, self.eps, w.in_w, w.in_b, conv[i], w.conv_w, w.conv_b,
+                                    w.x_w, xc, z, xdbl[i])
+            ssm_step(xdbl[i], w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm[i], y)
+            out_proj_add(y, w.out_w, w.out_b, residual)
+        u = torch.empty(M, c.d_model, dtype=self.embedding.dtype, device=ids.device)
+        add_rmsnorm(residual, residual, self.norm_f, self.eps, u, has_residual=False)
+        return F.linear(u, self.lm_head).float()
+
+    def step_general(self, ids, conv, ssm) -> torch.Tensor:
+        """Six launches per layer: add+RMSNorm, in_proj (cuBLAS), conv step, x_proj (cuBLAS), SSM step, out_proj
+        (cuBLAS); any batch size."""
         from ..ops.triton_decode import add_rmsnorm, conv_step, ssm_step
         d = self.config.d_inner
         h = F.embedding(ids, self.embedding)
@@ -123,7 +155,7 @@ def copy_state(src: MambaState, dst: MambaState) -> None:
 class FastSession(Session):
     backend = "torch-fast"
 
-    def __init__(self, model: MambaLM, use_graph: bool | None = None):
+    def __init__(self, model: MambaLM, use_graph: bool | None = None, small_batch_max: int = 16):
         if model.device.type != "cuda" and use_graph is not False:
             raise UserError("backend torch-fast needs a CUDA GPU (its decode step is fused Triton kernels in a "
                             "CUDA graph); use --backend torch on the CPU")
@@ -135,7 +167,7 @@ class FastSession(Session):
         self.state_dtype = model.dtype
         self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         with torch.inference_mode():
-            self.decoder = FastDecoder(model)
+            self.decoder = FastDecoder(model, small_batch_max)
         self._steps: dict[int, _GraphedStep] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None
 
@@ -211,15 +243,17 @@ class FastSession(Session):
         return F.linear(u_last, dec.lm_head).float()
 
 
-def open_fast_session(source, device="cuda", dtype=None, use_graph=None, **_) -> FastSession:
+def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_batch_max: int = 16,
+                      **_) -> FastSession:
     """``source``: a MambaLM, a checkpoint ref, or an artifact (its manifest names the source checkpoint).
     Default dtype fp16 (the decode kernels are written for half-precision weights; fp32/bf16 work too)."""
     if isinstance(source, MambaLM):
-        return FastSession(source, use_graph=use_graph)
+        return FastSession(source, use_graph=use_graph, small_batch_max=small_batch_max)
     from ..checkpoint import load_model
     if is_artifact(source):
         from ..onnx.manifest import read_manifest
         source = read_manifest(source)["source"]["checkpoint"]
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("backend torch-fast needs a CUDA GPU and none is visible; use --backend torch")
-    return FastSession(load_model(source, dtype=dtype or torch.float16, device=device), use_graph=use_graph)
+    return FastSession(load_model(source, dtype=dtype or torch.float16, device=device), use_graph=use_graph,
+                       small_batch_max=small_batch_max)
