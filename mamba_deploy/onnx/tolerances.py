@@ -1,24 +1,23 @@
-"""Default parity tolerances per artifact dtype: ``(atol, rtol)`` for logits and states, checked element-wise the
-way Polygraphy's ``elemwise`` statistic does (an element fails only if |a − b| > atol AND |a − b| / |ref| > rtol).
+"""Default tolerances for comparing an artifact's logits with the fp32 PyTorch model of its source checkpoint.
 
-The reference is always the fp32 PyTorch model loaded from the artifact's source checkpoint, so fp16/bf16 artifacts
-carry their rounding against fp32; fp32 artifacts differ only by summation order (measured ≤ 1e-5 on logits over a
-256-step rollout of tiny models). ``mamba-deploy check --atol/--rtol`` override these.
+``DEFAULT_TOLERANCES[dtype] = (atol, rtol)``, used as ``|actual − reference| ≤ atol + rtol·|reference|``
+elementwise, over a prefill and an N-step rollout in which the backend feeds back its own state.
+
+* fp32: same math, different summation orders: tiny random models stay within 3e-7 over 256 steps on CPU
+  (tests/test_ort_session.py); rtol leaves room for large logits (≈ 20) of real models.
+* fp16 (unit roundoff 4.9e-4) and bf16 (3.9e-3): weights, activations and the conv state rounded, SSM state
+  and residual stream fp32; tiny models on ONNX Runtime CPU stay within 5e-4 of fp32 logits (|logit| ≤ 0.7).
 """
 from __future__ import annotations
 
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "fp32": (1e-4, 1e-4),
-    "fp16": (2e-2, 2e-2),
-    "bf16": (1e-1, 1e-1),
+    "fp32": (1e-5, 1e-4),
+    "fp16": (5e-3, 1e-2),
+    "bf16": (4e-2, 5e-2),
 }
 
 
-def default_tolerance(dtype: str) -> tuple[float, float]:
-    """(atol, rtol) for an artifact of ``dtype`` ("fp32", "fp16" or "bf16")."""
-    from ..errors import UserError
-    try:
-        return DEFAULT_TOLERANCES[dtype]
-    except KeyError:
-        raise UserError(f"no default tolerance for dtype '{dtype}' (known: {', '.join(DEFAULT_TOLERANCES)}); "
-                        "pass --atol and --rtol") from None
+def within(actual, reference, dtype: str, tolerances: dict | None = None) -> bool:
+    """True when every element satisfies |actual − reference| ≤ atol + rtol·|reference| (torch tensors)."""
+    atol, rtol = (tolerances or DEFAULT_TOLERANCES)[dtype]
+    return bool(((actual - reference).abs() <= atol + rtol * reference.abs()).all())

@@ -1,0 +1,221 @@
+"""The ONNX artifact: graph structure (one custom node per layer, function bodies of standard ops, a Scan whose
+size does not depend on seq), onnx.checker, the manifest, and the `export` command's behaviour on bad input."""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from mamba_deploy.cli import main
+from mamba_deploy.onnx import contract
+from mamba_deploy.onnx.export import WEIGHTS_FILE, export, max_opset
+from mamba_deploy.onnx.functions import is_standard_domain
+from mamba_deploy.onnx.manifest import read_manifest
+
+N_LAYER = 2  # conftest.TINY
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_checkpoint, tmp_path_factory):
+    """Factory: the artifact of a tiny checkpoint (fmt, dtype, opset, all_logits), exported once per arguments."""
+    cache = {}
+
+    def make(fmt="state-spaces", dtype=None, opset=contract.DEFAULT_OPSET, all_logits=False):
+        key = (fmt, dtype, opset, all_logits)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("art") / f"tiny-{fmt}-{dtype}-{opset}-{int(all_logits)}"
+            cache[key] = export(tiny_checkpoint(fmt), out, dtype=dtype, opset=opset, all_logits=all_logits)
+        return cache[key]
+
+    return make
+
+
+def load(artifact, graph):
+    return onnx.load(str(artifact / graph), load_external_data=False)
+
+
+def all_nodes(nodes):
+    """Nodes and, recursively, the nodes of their subgraphs (Scan/Loop bodies)."""
+    for node in nodes:
+        yield node
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(attr.g.node)
+
+
+@pytest.mark.parametrize("fmt", ["state-spaces", "hf"])
+@pytest.mark.parametrize("dtype", [None, "fp16", "bf16"])
+def test_checker_and_one_custom_node_per_layer(artifacts, fmt, dtype):
+    art = artifacts(fmt, dtype)
+    for graph, op in ((contract.STEP_GRAPH, "SelectiveScanStep"), (contract.PREFILL_GRAPH, "SelectiveScan")):
+        onnx.checker.check_model(str(art / graph), full_check=True)
+        model = load(art, graph)
+        assert model.ir_version == contract.IR_VERSION
+        assert {o.domain: o.version for o in model.opset_import} == {"": contract.DEFAULT_OPSET,
+                                                                     contract.DOMAIN: contract.DOMAIN_VERSION}
+        custom = [n for n in model.graph.node if n.domain == contract.DOMAIN]
+        assert collections.Counter(n.op_type for n in custom) == {op: N_LAYER}
+        spec = contract.OPS[op]
+        for node in custom:
+            assert len(node.input) == len(spec.inputs) and len(node.output) == len(spec.outputs)
+            assert {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute} == spec.attributes
+        # every other node is a standard op; the weights are external (one file shared by both graphs)
+        assert all(is_standard_domain(n.domain) for n in model.graph.node if n.domain != contract.DOMAIN)
+        assert model.graph.initializer and all(
+            t.data_location == onnx.TensorProto.EXTERNAL and t.external_data[0].value == WEIGHTS_FILE
+            for t in model.graph.initializer)
+        # the function backing the op: same domain/name, standard ops only (Scan body included)
+        (fn,) = [f for f in model.functions if (f.domain, f.name) == (contract.DOMAIN, op)]
+        assert list(fn.input) == [p.name for p in spec.inputs]
+        assert list(fn.output) == [p.name for p in spec.outputs]
+        assert {a.name for a in fn.attribute_proto} == set(spec.attributes)
+        ops = list(all_nodes(fn.node))
+        assert ops and all(is_standard_domain(n.domain) for n in ops), {n.domain for n in ops}
+        assert all(f.domain == contract.DOMAIN for f in model.functions)
+
+
+def test_prefill_scan_is_a_loop_independent_of_seq(artifacts):
+    """The graph has no sequence length baked in: the scan is an ONNX Scan inside SelectiveScan's body, and every
+    axis named seq is symbolic; node counts are the same for an export that also returns all logits."""
+    art = artifacts()
+    model = load(art, contract.PREFILL_GRAPH)
+    (fn,) = [f for f in model.functions if f.name == "SelectiveScan"]
+    scans = [n for n in fn.node if n.op_type == "Scan"]
+    assert len(scans) == 1
+    body = scans[0].attribute[0].g
+    assert len(body.node) < 20
+    ids = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in ids] == ["batch", "seq"]
+    n_nodes = len(list(all_nodes(model.graph.node))) + sum(len(list(all_nodes(f.node))) for f in model.functions)
+    assert n_nodes < 400  # tiny model, 2 layers: a graph unrolled over a sequence would be far larger
+    other = load(artifacts(all_logits=True), contract.PREFILL_GRAPH)
+    assert abs(len(other.graph.node) - len(model.graph.node)) < 8
+    # the step graph holds no Scan/Loop at all
+    step = load(art, contract.STEP_GRAPH)
+    assert not [n for n in all_nodes(step.graph.node) if n.op_type in ("Scan", "Loop")]
+    assert not [n for f in step.functions for n in all_nodes(f.node) if n.op_type in ("Scan", "Loop")]
+
+
+def test_manifest(artifacts, tiny_checkpoint):
+    art = artifacts("hf", "fp16", all_logits=True)
+    m = read_manifest(art, verify=True)
+    assert m["format_version"] == contract.ARTIFACT_FORMAT_VERSION
+    assert m["exporter"]["name"] == contract.EXPORTER_NAME
+    assert m["source"]["checkpoint"] == str(tiny_checkpoint("hf").resolve())
+    assert m["config"]["d_model"] == 32 and m["dims"]["d_inner"] == 64 and m["dims"]["n_layer"] == N_LAYER
+    assert m["dtype"] == "fp16" and m["dtypes"]["ssm_state"] == "float32" and m["dtypes"]["logits"] == "float32"
+    assert m["onnx"] == {"ir_version": contract.IR_VERSION, "opset": contract.DEFAULT_OPSET,
+                         "domain": contract.DOMAIN, "domain_version": contract.DOMAIN_VERSION}
+    assert {op["op_type"] for op in m["custom_ops"]} == set(contract.OPS)
+    assert m["graphs"]["prefill"]["all_logits"] is True
+    step_in = {p["name"]: p for p in m["graphs"]["step"]["inputs"]}
+    assert step_in["input_ids"] == {"name": "input_ids", "dtype": "int64", "shape": ["batch"]}
+    assert step_in["conv_state.1"] == {"name": "conv_state.1", "dtype": "float16", "shape": ["batch", 64, 4]}
+    assert step_in["ssm_state.0"] == {"name": "ssm_state.0", "dtype": "float32", "shape": ["batch", 64, 8]}
+    pre_out = {p["name"]: p for p in m["graphs"]["prefill"]["outputs"]}
+    assert pre_out["logits"]["shape"] == ["batch", "seq", 96] and pre_out["logits"]["dtype"] == "float32"
+    assert set(pre_out) == {"logits", *contract.state_outputs(N_LAYER)}
+    for name, f in m["files"].items():
+        data = (art / name).read_bytes()
+        assert f == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+
+
+def test_newest_opset_exports(artifacts):
+    art = artifacts(opset=max_opset())
+    onnx.checker.check_model(str(art / contract.PREFILL_GRAPH), full_check=True)
+    assert read_manifest(art)["onnx"]["opset"] == max_opset()
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+def run_cli(*args, **kw):
+    result = CliRunner().invoke(main, [str(a) for a in args], **kw)
+    assert "Traceback" not in result.output, result.output
+    return result
+
+
+def leftovers(parent):
+    return [p.name for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def error_line(result):
+    lines = [ln for ln in result.output.splitlines() if ln.startswith("mamba-deploy: error:")]
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+def test_cli_export_default_dir_force_and_refusal(tiny_checkpoint, tmp_path, monkeypatch):
+    ckpt = tiny_checkpoint("hf")
+    monkeypatch.chdir(tmp_path)
+    ok = run_cli("export", "--model", ckpt, "--dtype", "fp16")
+    assert ok.exit_code == 0, ok.output
+    out = tmp_path / "export" / ckpt.name
+    assert read_manifest(out, verify=True)["dtype"] == "fp16"
+    before = (out / contract.MANIFEST).read_text()
+    # existing --out without --force: one-line error, exit 2, the artifact untouched
+    again = run_cli("export", "--model", ckpt)
+    assert again.exit_code == 2
+    assert "already exists" in error_line(again) and "--force" in error_line(again)
+    assert (out / contract.MANIFEST).read_text() == before
+    # --force replaces it (fp32 now), leaving no temporary or old directories behind
+    forced = run_cli("export", "--model", ckpt, "--force")
+    assert forced.exit_code == 0, forced.output
+    assert read_manifest(out, verify=True)["dtype"] == "fp32"
+    assert leftovers(out.parent) == []
+
+
+@pytest.mark.parametrize("case", ["not-a-checkpoint", "missing", "bad-opset"])
+def test_cli_export_bad_input(tiny_checkpoint, tmp_path, case):
+    out = tmp_path / "art"
+    model = {"not-a-checkpoint": tmp_path, "missing": tmp_path / "nope"}.get(case, tiny_checkpoint())
+    extra = ["--opset", "11"] if case == "bad-opset" else []
+    result = run_cli("export", "--model", model, "--out", out, *extra)
+    assert result.exit_code == 2
+    line = error_line(result)
+    assert {"not-a-checkpoint": "no config.json", "missing": "neither an existing directory",
+            "bad-opset": "--opset 11"}[case] in line
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
+    """A failure half-way (here: while building the prefill graph) removes the temporary directory."""
+    from mamba_deploy.onnx import export as export_module
+
+    def broken(*a, **k):
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(export_module.MambaGraphs, "prefill_graph", broken)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export(tiny_checkpoint(), tmp_path / "art")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_read_manifest_errors(artifacts, tmp_path):
+    import shutil
+
+    from mamba_deploy.errors import UserError
+
+    with pytest.raises(UserError, match="no manifest.json"):
+        read_manifest(tmp_path)
+    art = tmp_path / "copy"
+    shutil.copytree(artifacts(), art)
+    manifest = json.loads((art / contract.MANIFEST).read_text())
+    (art / contract.MANIFEST).write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        read_manifest(art)
+    (art / contract.MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
+    with pytest.raises(UserError, match="format 99") as e:
+        read_manifest(art)
+    assert "\n" not in str(e.value)
+    (art / contract.MANIFEST).write_text(json.dumps(manifest))
+    with open(art / WEIGHTS_FILE, "r+b") as f:  # flip one byte of the weights
+        f.seek(4096 + 3)
+        byte = f.read(1)
+        f.seek(4096 + 3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    read_manifest(art)  # without verification it opens
+    with pytest.raises(UserError, match="sha256"):
+        read_manifest(art, verify=True)
