@@ -16,6 +16,7 @@ COMMANDS = {
     "info": ("info", "Show a checkpoint's format, config, parameter count and memory needs."),
     "random": ("random_ckpt", "Write a checkpoint of a named size with random weights (no hub needed)."),
     "export": ("export", "Export a checkpoint to an ONNX artifact (step + prefill graphs, manifest)."),
+    "build": ("build", "Build TensorRT engines (step + prefill) for an artifact, with the selective-scan plugin."),
 }
 
 

@@ -25,6 +25,7 @@ BACKENDS: dict[str, str] = {
     "torch": "mamba_deploy.runtime.torch_session:open_torch_session",
     "onnxruntime": "mamba_deploy.runtime.ort_session:open_ort_session",
     "torch-fast": "mamba_deploy.runtime.fast_session:open_fast_session",
+    "tensorrt": "mamba_deploy.runtime.trt_session:open_trt_session",
 }
 
 
