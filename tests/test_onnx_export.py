@@ -219,3 +219,67 @@ def test_read_manifest_errors(artifacts, tmp_path):
     read_manifest(art)  # without verification it opens
     with pytest.raises(UserError, match="sha256"):
         read_manifest(art, verify=True)
+
+
+# ---- the op bodies on their own, against ops/selective_scan.py ------------------------------------------------
+def op_model(spec, act, opset=contract.DEFAULT_OPSET, **attrs):
+    """A model holding one custom node (inputs/outputs named as the op's ports) and its function."""
+    from onnx import TensorProto, helper
+
+    from mamba_deploy.onnx.functions import functions
+
+    types = {"act": act, "fp32": TensorProto.FLOAT}
+    node = helper.make_node(spec.op_type, [p.name for p in spec.inputs], [p.name for p in spec.outputs],
+                            domain=contract.DOMAIN, **attrs)
+    graph = helper.make_graph(
+        [node], "op", [helper.make_tensor_value_info(p.name, types[p.dtype], list(p.shape)) for p in spec.inputs],
+        [helper.make_tensor_value_info(p.name, types[p.dtype], list(p.shape)) for p in spec.outputs])
+    return helper.make_model(graph, ir_version=contract.IR_VERSION, functions=functions(opset),
+                             opset_imports=[helper.make_opsetid("", opset),
+                                            helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)])
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+@pytest.mark.parametrize("delta_softplus", [1, 0])
+def test_op_functions_match_reference(dtype, delta_softplus):
+    """Both function bodies vs selective_scan_ref / selective_state_update on random inputs whose δ_raw + bias
+    spans both sides of the softplus threshold (τ = 20) and very negative values."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+    from onnx import TensorProto
+
+    from mamba_deploy.ops.selective_scan import selective_scan_ref, selective_state_update
+
+    torch.manual_seed(0)
+    act_t, act = {"fp32": (torch.float32, TensorProto.FLOAT), "fp16": (torch.float16, TensorProto.FLOAT16)}[dtype]
+    b, d, N, L = 2, 5, 3, 9
+    x, z = torch.randn(b, d, L).to(act_t), torch.randn(b, d, L).to(act_t)
+    delta = torch.randn(b, d, L) * (0.3 if not delta_softplus else 12)                # raw δ, some > 20
+    if delta_softplus:
+        delta[0, 0, :3] = 100.0  # where log(1 + e^δ) overflows fp32 without the threshold
+    delta = delta.to(act_t)
+    A = -torch.rand(d, N) * 2 - 0.1
+    B, C = torch.randn(b, N, L).to(act_t), torch.randn(b, N, L).to(act_t)
+    D, bias = torch.randn(d), torch.randn(d) * (0.1 if not delta_softplus else 3)
+    h0 = torch.randn(b, d, N)
+    attrs = {"delta_softplus": delta_softplus, "softplus_threshold": 20.0}
+    if delta_softplus:
+        assert ((delta.float() + bias[:, None]) > 20).any() and ((delta.float() + bias[:, None]) < -20).any()
+    y_ref, h_ref = selective_scan_ref(x, delta, A, B, C, D, z, bias, bool(delta_softplus), h0)
+    feeds = {"x": x, "delta": delta, "A": A, "B": B, "C": C, "D": D, "delta_bias": bias, "z": z, "ssm_state": h0}
+    np_feeds = {k: v.numpy() for k, v in feeds.items()}
+    run = lambda spec, f: ort.InferenceSession(op_model(spec, act, **attrs).SerializeToString(),  # noqa: E731
+                                               providers=["CPUExecutionProvider"]).run(None, f)
+    y, h = run(contract.SELECTIVE_SCAN, np_feeds)
+    tol = 1e-5 if dtype == "fp32" else 2e-3
+    assert y.dtype == x.numpy().dtype and h.dtype == np.float32
+    assert np.abs(y.astype(np.float32) - y_ref.float().numpy()).max() <= tol * max(1, y_ref.abs().max().item())
+    assert np.abs(h - h_ref.numpy()).max() <= 1e-5 * max(1, h_ref.abs().max().item())
+    # the step op, t = 0
+    step_feeds = {k: (v[..., 0] if k in ("x", "delta", "B", "C", "z") else v) for k, v in feeds.items()}
+    y1, h1 = run(contract.SELECTIVE_SCAN_STEP, {k: v.contiguous().numpy() for k, v in step_feeds.items()})
+    y1_ref, h1_ref = selective_state_update(h0, step_feeds["x"], step_feeds["delta"], A, step_feeds["B"],
+                                            step_feeds["C"], D, step_feeds["z"], bias, bool(delta_softplus))
+    assert np.abs(y1.astype(np.float32) - y1_ref.float().numpy()).max() <= tol * max(1, y1_ref.abs().max().item())
+    assert np.abs(h1 - h1_ref.numpy()).max() <= 1e-5 * max(1, h1_ref.abs().max().item())
