@@ -1,0 +1,106 @@
+"""`mamba-deploy bench` on the CPU: JSON with prefill and decode figures per backend, the floor arithmetic, the
+timing bookkeeping, and one-line errors for user mistakes."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mamba_deploy.bench import bench_session, decode_floor_bytes, state_bytes, weight_bytes
+from mamba_deploy.cli import main
+from mamba_deploy.config import MambaConfig
+from mamba_deploy.model import MambaState, random_model
+
+
+def test_floor_bytes_by_hand():
+    cfg = MambaConfig(d_model=32, n_layer=2, vocab_size=96, d_state=8, d_conv=4, expand=2)
+    model = random_model(cfg, dtype=torch.float16)
+    d, r, V = 64, 2, 96
+    per_layer = 32 + 32 * 2 * d + d * 4 + d + d * (r + 16) + r * d + d + d * 8 + d + d * 32   # norm … out_proj
+    params = V * 32 + 2 * per_layer + 32                                     # tied embedding once, norm_f
+    assert weight_bytes(model) == 2 * params
+    assert state_bytes(cfg, 3, 2) == 3 * 2 * d * (4 * 2 + 8 * 4)
+    assert decode_floor_bytes(cfg, 3, 1000, 2) == 1000 + 2 * state_bytes(cfg, 3, 2)
+
+
+class _SleepySession:
+    """A session whose prefill takes 6 ms and step 3 ms: the engine must report those, per step, as medians."""
+    vocab_size = 50
+
+    def prefill(self, ids, state=None):
+        time.sleep(0.006)
+        return torch.zeros(ids.shape[0], 50), MambaState([], [])
+
+    def step(self, ids, state):
+        time.sleep(0.003)
+        return torch.zeros(ids.shape[0], 50), state
+
+
+def test_engine_timing_bookkeeping():
+    row = bench_session(_SleepySession(), "fake", batch=4, prompt_len=10, gen_len=5, device=torch.device("cpu"),
+                        reps=3, warmup=0)
+    assert len(row.prefill_samples_ms) == 3 and len(row.decode_samples_ms) == 3
+    assert 5.5 < row.prefill_ms < 60 and 2.8 < row.decode_ms_per_step < 30
+    assert row.prefill_tokens_per_s == pytest.approx(4 * 10 / (row.prefill_ms / 1e3))
+    assert row.decode_tokens_per_s == pytest.approx(4 / (row.decode_ms_per_step / 1e3))
+
+
+def _check_report(report, backends, batches):
+    rows = report["rows"]
+    assert sorted((r["backend"], r["batch"]) for r in rows) == sorted((b, n) for b in backends for n in batches)
+    for r in rows:
+        assert r["error"] is None, r
+        assert r["prefill_ms"] > 0 and r["decode_ms_per_step"] > 0
+        assert r["prefill_tokens_per_s"] > 0 and r["decode_tokens_per_s"] > 0
+        assert r["peak_memory_bytes"] and r["peak_memory_bytes"] > 0
+        assert r["floor_ms"] is None        # no GPU, no floor
+
+
+def test_bench_cli_torch_and_onnxruntime(tiny_checkpoint, tmp_path):
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    out, png = tmp_path / "bench.json", tmp_path / "bench.png"
+    result = CliRunner().invoke(main, ["bench", "--model", str(tiny_checkpoint()), "--backend", "torch,onnxruntime",
+                                       "--batch", "1,3", "--prompt-len", "6", "--gen-len", "3", "--reps", "2",
+                                       "--json", str(out), "--plot", str(png)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(out.read_text())
+    _check_report(report, ["torch", "onnxruntime"], [1, 3])
+    assert report["model"]["weight_bytes"] > 0 and report["settings"]["prompt_len"] == 6
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "onnxruntime" in result.output and "decode ms/step" in result.output
+
+
+def test_bench_cli_random_size_and_artifact(tiny_checkpoint, tmp_path):
+    """--random builds weights in memory; --artifact runs an exported artifact (torch loads its source)."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    runner = CliRunner()
+    out = tmp_path / "r.json"
+    result = runner.invoke(main, ["bench", "--random", "tiny", "--backend", "torch", "--batch", "2",
+                                  "--prompt-len", "4", "--gen-len", "2", "--reps", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    _check_report(json.loads(out.read_text()), ["torch"], [2])
+    from mamba_deploy.onnx.export import export
+    artifact = export(str(tiny_checkpoint()), tmp_path / "art")
+    out = tmp_path / "a.json"
+    result = runner.invoke(main, ["bench", "--artifact", str(artifact), "--backend", "onnxruntime,torch",
+                                  "--prompt-len", "4", "--gen-len", "2", "--reps", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    _check_report(json.loads(out.read_text()), ["onnxruntime", "torch"], [1])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "torch"], "exactly one of --artifact"),
+    (["--random", "tiny", "--model", "x", "--backend", "torch"], "exactly one of --artifact"),
+    (["--random", "tiny", "--backend", "tensorflow"], "unknown backend"),
+    (["--random", "tiny", "--backend", "torch-fast", "--device", "cpu"], "needs a CUDA GPU"),
+    (["--random", "tiny", "--batch", "1,x"], "comma-separated integers"),
+    (["--artifact", "/nonexistent/dir", "--backend", "torch"], "not an artifact"),
+])
+def test_bench_user_errors(args, message):
+    result = CliRunner().invoke(main, ["bench", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
