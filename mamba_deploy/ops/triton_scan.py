@@ -76,6 +76,12 @@ def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: t
 
 
 # ----------------------------------------------------------------------------------------------- forward kernel
+#
+# Layout discipline: every load and store is done at its natural rank (per-channel tiles [T, DS, DLW], per-state
+# tiles [T, NS, NL], per-(channel, state) tiles [NS, DS, DLW, NL]) and only then expanded to the 5-D tile. Loading
+# at 5-D would make a load an "anchor" whose layout Triton propagates into the whole computation (seen: time spread
+# over lanes and warps, i.e. a cross-warp scan); expand_dims stops that propagation, so the 5-D math keeps the
+# default layout (time and NS/DS in-thread, NL × channel lanes, warps over channels).
 
 @triton.jit
 def _scan_fwd_kernel(
@@ -91,54 +97,56 @@ def _scan_fwd_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     BD: tl.constexpr = DS * DLW
-    # 5-D index tensors: [T, NS, DS, DLW, NL]
-    ti = tl.arange(0, T)[:, None, None, None, None]
-    n = (tl.arange(0, NS)[None, :, None, None, None] * NL + tl.arange(0, NL)[None, None, None, None, :])
-    d = (pid_d * BD + tl.arange(0, DS)[None, None, :, None, None] * DLW
-         + tl.arange(0, DLW)[None, None, None, :, None])
-    n_ok = n < N
-    d_ok = d < Dm
-    dn_ok = n_ok & d_ok
+    ti = tl.arange(0, T)[:, None, None, None, None]                 # time within the chunk, 5-D
+    # per-channel tiles [T, DS, DLW]
+    t3 = tl.arange(0, T)[:, None, None]
+    d3 = pid_d * BD + tl.arange(0, DS)[None, :, None] * DLW + tl.arange(0, DLW)[None, None, :]
+    # per-state tiles [T, NS, NL]
+    n3 = tl.arange(0, NS)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+    # per-(channel, state) tiles [NS, DS, DLW, NL]
+    n4 = tl.arange(0, NS)[:, None, None, None] * NL + tl.arange(0, NL)[None, None, None, :]
+    d4 = pid_d * BD + tl.arange(0, DS)[None, :, None, None] * DLW + tl.arange(0, DLW)[None, None, :, None]
+    dn_ok = (n4 < N) & (d4 < Dm)
+    d_ok = d3 < Dm
 
     # A in log2 units: a = exp2(δ · A·log2 e)
-    A2 = tl.load(A_ptr + d * s_Ad + n * s_An, mask=dn_ok, other=0.0).to(tl.float32) * 1.4426950408889634
+    A2 = (tl.load(A_ptr + d4 * s_Ad + n4 * s_An, mask=dn_ok, other=0.0).to(tl.float32) * 1.4426950408889634)[None]
     if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    state_offs = pid_b * Dm * N + d * N + n                         # [1, NS, DS, DLW, NL] into [batch, D, N]
+    state_offs = pid_b * Dm * N + d4 * N + n4                        # [NS, DS, DLW, NL] into [batch, D, N]
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=dn_ok, other=0.0)
     else:
-        h = tl.zeros([1, NS, DS, DLW, NL], dtype=tl.float32)
+        h = tl.zeros([NS, DS, DLW, NL], dtype=tl.float32)
 
     for c in range(0, n_chunks):
-        t = c * T + ti
         if SAVE_STATES:
-            tl.store(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d * N + n, h, mask=dn_ok)
-        t_ok = t < L
-        m_dt = d_ok & t_ok                                            # [T, 1, DS, DLW, 1]
-        dt, _ = _load_delta(delta_ptr + pid_b * s_db, bias, d * s_dd + t * s_dl, m_dt, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + pid_b * s_ub + d * s_ud + t * s_ul, mask=m_dt, other=0.0).to(tl.float32)
-        m_nt = n_ok & t_ok                                            # [T, NS, 1, 1, NL]
-        Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=m_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=m_nt, other=0.0).to(tl.float32)
+            tl.store(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d4 * N + n4, h, mask=dn_ok)
+        t = c * T + t3
+        m_d = d_ok & (t < L)                                          # [T, DS, DLW]
+        m_n = (n3 < N) & (t < L)                                      # [T, NS, NL]
+        dt, _ = _load_delta(delta_ptr + pid_b * s_db, bias, d3 * s_dd + t * s_dl, m_d, HAS_BIAS, SOFTPLUS)
+        u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + t * s_ul, mask=m_d, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + t * s_Bl, mask=m_n, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + t * s_Cl, mask=m_n, other=0.0).to(tl.float32)
 
-        a = tl.exp2(dt * A2)                                          # Ā_t
-        b = (dt * u) * Bt                                             # B̄_t u_t
-        b = tl.where(ti == 0, a * h + b, b)                           # fold in the state entering the chunk
+        a = tl.exp2(dt[:, None, :, :, None] * A2)                     # Ā_t          [T, NS, DS, DLW, NL]
+        b = (dt * u)[:, None, :, :, None] * Bt[:, :, None, None, :]   # B̄_t u_t
+        b = tl.where(ti == 0, a * h[None] + b, b)                     # fold in the state entering the chunk
         _, hh = tl.associative_scan((a, b), 0, _affine_combine)       # h_t, t in chunk
-        y = tl.sum(tl.sum(hh * Ct, axis=4, keep_dims=True), axis=1, keep_dims=True)   # [T, 1, DS, DLW, 1]
-        h = tl.sum(tl.where(ti == T - 1, hh, 0.0), axis=0, keep_dims=True)
+        y = tl.sum(tl.sum(hh * Ct[:, :, None, None, :], axis=4), axis=1)           # ⟨h_t, C_t⟩  [T, DS, DLW]
+        h = tl.sum(tl.where(ti == T - 1, hh, 0.0), axis=0)
 
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            zv = tl.load(z_ptr + pid_b * s_zb + d * s_zd + t * s_zl, mask=m_dt, other=0.0).to(tl.float32)
+            zv = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + t * s_zl, mask=m_d, other=0.0).to(tl.float32)
             y = y * zv * tl.sigmoid(zv)
-        tl.store(out_ptr + pid_b * s_ob + d * s_od + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m_dt)
+        tl.store(out_ptr + pid_b * s_ob + d3 * s_od + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m_d)
 
     tl.store(hT_ptr + state_offs, h, mask=dn_ok)
 
@@ -162,106 +170,110 @@ def _scan_bwd_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     BD: tl.constexpr = DS * DLW
     ti = tl.arange(0, T)[:, None, None, None, None]
-    n = (tl.arange(0, NS)[None, :, None, None, None] * NL + tl.arange(0, NL)[None, None, None, None, :])
-    d = (pid_d * BD + tl.arange(0, DS)[None, None, :, None, None] * DLW
-         + tl.arange(0, DLW)[None, None, None, :, None])
-    n_ok = n < N
-    d_ok = d < Dm
-    dn_ok = n_ok & d_ok
+    t3 = tl.arange(0, T)[:, None, None]
+    d3 = pid_d * BD + tl.arange(0, DS)[None, :, None] * DLW + tl.arange(0, DLW)[None, None, :]
+    n3 = tl.arange(0, NS)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+    n4 = tl.arange(0, NS)[:, None, None, None] * NL + tl.arange(0, NL)[None, None, None, :]
+    d4 = pid_d * BD + tl.arange(0, DS)[None, :, None, None] * DLW + tl.arange(0, DLW)[None, None, :, None]
+    dn_ok = (n4 < N) & (d4 < Dm)
+    d_ok = d3 < Dm
 
-    A = tl.load(A_ptr + d * s_Ad + n * s_An, mask=dn_ok, other=0.0).to(tl.float32)
+    A = tl.load(A_ptr + d4 * s_Ad + n4 * s_An, mask=dn_ok, other=0.0).to(tl.float32)[None]
     A2 = A * 1.4426950408889634
     if HAS_D:
-        Dv = tl.load(D_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        Dv = tl.load(D_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        bias = tl.load(bias_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
     else:
         bias = 0.0
-    state_offs = pid_b * Dm * N + d * N + n
+    state_offs = pid_b * Dm * N + d4 * N + n4
     if HAS_DHT:
         carry = tl.load(dhT_ptr + state_offs, mask=dn_ok, other=0.0)   # ∂ℓ/∂h at the chunk's end, from later
     else:
-        carry = tl.zeros([1, NS, DS, DLW, NL], dtype=tl.float32)
-    dA_acc = tl.zeros([1, NS, DS, DLW, NL], dtype=tl.float32)
-    dD_acc = tl.zeros([1, 1, DS, DLW, 1], dtype=tl.float32)
-    dbias_acc = tl.zeros([1, 1, DS, DLW, 1], dtype=tl.float32)
+        carry = tl.zeros([NS, DS, DLW, NL], dtype=tl.float32)
+    dA_acc = tl.zeros([NS, DS, DLW, NL], dtype=tl.float32)
+    dD_acc = tl.zeros([T, DS, DLW], dtype=tl.float32)
+    dbias_acc = tl.zeros([T, DS, DLW], dtype=tl.float32)
 
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        t = c * T + ti
-        t_ok = t < L
-        m_dt = d_ok & t_ok
-        m_nt = n_ok & t_ok
-        io_offs = d * s_ud + t * s_ul
-        dt, draw = _load_delta(delta_ptr + pid_b * s_db, bias, d * s_dd + t * s_dl, m_dt, HAS_BIAS, SOFTPLUS)
+        t = c * T + t3
+        m_d = d_ok & (t < L)
+        m_n = (n3 < N) & (t < L)
+        io_offs = d3 * s_ud + t * s_ul
+        dt, draw = _load_delta(delta_ptr + pid_b * s_db, bias, d3 * s_dd + t * s_dl, m_d, HAS_BIAS, SOFTPLUS)
         # δ one step ahead inside the chunk (0 at the chunk's last step: the carry stands for what follows)
-        m_next = d_ok & (t + 1 < L) & (ti < T - 1)
-        dt_next, _ = _load_delta(delta_ptr + pid_b * s_db, bias, d * s_dd + (t + 1) * s_dl, m_next,
+        m_next = d_ok & (t + 1 < L) & (t3 < T - 1)
+        dt_next, _ = _load_delta(delta_ptr + pid_b * s_db, bias, d3 * s_dd + (t + 1) * s_dl, m_next,
                                  HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + pid_b * s_ub + io_offs, mask=m_dt, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + pid_b * s_Bb + n * s_Bn + t * s_Bl, mask=m_nt, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + pid_b * s_Cb + n * s_Cn + t * s_Cl, mask=m_nt, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + pid_b * s_gb + d * s_gd + t * s_gl, mask=m_dt, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + pid_b * s_ub + io_offs, mask=m_d, other=0.0).to(tl.float32)
+        Bt = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + t * s_Bl, mask=m_n, other=0.0).to(tl.float32)
+        Ct = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + t * s_Cl, mask=m_n, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + pid_b * s_gb + d3 * s_gd + t * s_gl, mask=m_d, other=0.0).to(tl.float32)
+        B5 = Bt[:, :, None, None, :]
+        C5 = Ct[:, :, None, None, :]
 
         # recompute the chunk's states from its saved start state
-        h_start = tl.load(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d * N + n, mask=dn_ok, other=0.0)
-        a = tl.exp2(dt * A2)
-        b = (dt * u) * Bt
-        b0 = tl.where(ti == 0, a * h_start + b, b)
+        h_start = tl.load(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d4 * N + n4, mask=dn_ok, other=0.0)
+        a = tl.exp2(dt[:, None, :, :, None] * A2)
+        dtu = dt * u
+        b = dtu[:, None, :, :, None] * B5
+        b0 = tl.where(ti == 0, a * h_start[None] + b, b)
         _, hh = tl.associative_scan((a, b0), 0, _affine_combine)
 
         # undo the output gate: dy = ∂ℓ/∂y (pre-gate), dz
         if HAS_Z:
-            zv = tl.load(z_ptr + pid_b * s_zb + d * s_zd + t * s_zl, mask=m_dt, other=0.0).to(tl.float32)
+            zv = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + t * s_zl, mask=m_d, other=0.0).to(tl.float32)
             sz = tl.sigmoid(zv)
-            y = tl.sum(tl.sum(hh * Ct, axis=4, keep_dims=True), axis=1, keep_dims=True)
+            y = tl.sum(tl.sum(hh * C5, axis=4), axis=1)
             if HAS_D:
                 y += Dv * u
             dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
-            tl.store(dz_ptr + pid_b * s_ub + io_offs, dz.to(dz_ptr.dtype.element_ty), mask=m_dt)
+            tl.store(dz_ptr + pid_b * s_ub + io_offs, dz.to(dz_ptr.dtype.element_ty), mask=m_d)
             dy = dout * zv * sz
         else:
             dy = dout
 
         # adjoint: g_t = a_{t+1} g_{t+1} + C_t dy_t, the carry folded into the chunk's last step
-        a_next = tl.exp2(dt_next * A2)
-        cdy = Ct * dy
-        cdy = tl.where(ti == T - 1, cdy + carry, cdy)
+        a_next = tl.exp2(dt_next[:, None, :, :, None] * A2)
+        cdy = C5 * dy[:, None, :, :, None]
+        cdy = tl.where(ti == T - 1, cdy + carry[None], cdy)
         _, g = tl.associative_scan((a_next, cdy), 0, _affine_combine, reverse=True)
-        carry = tl.sum(tl.where(ti == 0, a * g, 0.0), axis=0, keep_dims=True)   # ∂ℓ/∂h_{t0−1}
+        carry = tl.sum(tl.where(ti == 0, a * g, 0.0), axis=0)        # ∂ℓ/∂h_{t0−1}
 
         hb = hh - b                                                   # a_t h_{t−1}
-        gB = tl.sum(tl.sum(g * Bt, axis=4, keep_dims=True), axis=1, keep_dims=True)            # Σ_n g B
-        gAhb = tl.sum(tl.sum(g * hb * A, axis=4, keep_dims=True), axis=1, keep_dims=True)      # Σ_n g A a h
-        dA_acc += tl.sum(dt * g * hb, axis=0, keep_dims=True)
+        gB = tl.sum(tl.sum(g * B5, axis=4), axis=1)                   # Σ_n g B         [T, DS, DLW]
+        gAhb = tl.sum(tl.sum(g * hb * A, axis=4), axis=1)             # Σ_n g A a h
+        dA_acc += tl.sum(dt[:, None, :, :, None] * g * hb, axis=0)
         ddt = u * gB + gAhb
         du = dt * gB
         if HAS_D:
             du += Dv * dy
-            dD_acc += tl.sum(dy * u, axis=0, keep_dims=True)
+            dD_acc += dy * u
         if SOFTPLUS:
             ddraw = tl.where(draw > 20.0, ddt, ddt * tl.sigmoid(draw))
         else:
             ddraw = ddt
-        ddraw = tl.where(m_dt, ddraw, 0.0)
+        ddraw = tl.where(m_d, ddraw, 0.0)
         if HAS_BIAS:
-            dbias_acc += tl.sum(ddraw, axis=0, keep_dims=True)
-        tl.store(du_ptr + pid_b * s_ub + io_offs, du.to(du_ptr.dtype.element_ty), mask=m_dt)
-        tl.store(ddelta_ptr + pid_b * s_ub + io_offs, ddraw.to(ddelta_ptr.dtype.element_ty), mask=m_dt)
+            dbias_acc += ddraw
+        tl.store(du_ptr + pid_b * s_ub + io_offs, du.to(du_ptr.dtype.element_ty), mask=m_d)
+        tl.store(ddelta_ptr + pid_b * s_ub + io_offs, ddraw.to(ddelta_ptr.dtype.element_ty), mask=m_d)
 
         # channel sums for ∂B, ∂C: within the program, then across channel blocks by atomics
-        dBc = tl.sum(tl.sum(g * (dt * u), axis=3, keep_dims=True), axis=2, keep_dims=True)    # [T, NS, 1, 1, NL]
-        dCc = tl.sum(tl.sum(hh * dy, axis=3, keep_dims=True), axis=2, keep_dims=True)
-        bc_offs = pid_b * N * L + n * L + t
-        tl.atomic_add(dB_ptr + bc_offs, dBc, mask=m_nt, sem="relaxed")
-        tl.atomic_add(dC_ptr + bc_offs, dCc, mask=m_nt, sem="relaxed")
+        dBc = tl.sum(tl.sum(g * dtu[:, None, :, :, None], axis=3), axis=2)      # [T, NS, NL]
+        dCc = tl.sum(tl.sum(hh * dy[:, None, :, :, None], axis=3), axis=2)
+        bc_offs = pid_b * N * L + n3 * L + t
+        tl.atomic_add(dB_ptr + bc_offs, dBc, mask=m_n, sem="relaxed")
+        tl.atomic_add(dC_ptr + bc_offs, dCc, mask=m_n, sem="relaxed")
 
     tl.store(dh0_ptr + state_offs, carry, mask=dn_ok)
     tl.store(dA_ptr + state_offs, dA_acc, mask=dn_ok)
+    d1 = pid_d * BD + tl.arange(0, DS)[:, None] * DLW + tl.arange(0, DLW)[None, :]
     if HAS_D:
-        tl.store(dD_ptr + pid_b * Dm + d, dD_acc, mask=d_ok)
+        tl.store(dD_ptr + pid_b * Dm + d1, tl.sum(dD_acc, axis=0), mask=d1 < Dm)
     if HAS_BIAS:
-        tl.store(dbias_ptr + pid_b * Dm + d, dbias_acc, mask=d_ok)
+        tl.store(dbias_ptr + pid_b * Dm + d1, tl.sum(dbias_acc, axis=0), mask=d1 < Dm)
 
 
 # ----------------------------------------------------------------------------------------------- launch configs

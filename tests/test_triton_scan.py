@@ -1,0 +1,205 @@
+"""Triton selective scan vs the float64 sequential reference (values and every gradient).
+
+CPU: the same kernels under TRITON_INTERPRET=1 (numpy), tiny shapes, in ONE subprocess (the interpreter flag must
+be set before Triton decorates the kernels, and another test may already have imported them); its per-case errors
+come back as JSON and each case is asserted here.
+GPU: the compiled kernels, fp32 and bf16, L up to 8192, N in {16, 32, 64}; skipped without CUDA.
+
+Error measures. fp32: normwise max relative error  max|ours − ref| / max|ref|  <= 1e-4, per output and gradient.
+bf16 (inputs rounded to bf16, reference = float64 on those same rounded values): upstream's elementwise test
+|ours − ref| <= atol + rtol·|ref| with rtol 3e-2, atol 5e-2, where each tensor is first divided by
+max(1, max|ref|) (gradients such as ∂A sum over batch × L terms; an absolute 5e-2 means nothing at their scale).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mamba_deploy.ops.selective_scan import selective_scan_chunked, selective_scan_ref
+
+NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
+FP32_REL = 1e-4
+BF16_RTOL, BF16_ATOL = 3e-2, 5e-2
+
+
+def make_inputs(batch, d, L, N, *, has_d, has_z, has_bias, has_h0, act_dtype, device, seed):
+    """Upstream's test distributions: δ = 0.5·U(0,1) (+ bias 0.5·U), A = −0.5·U, u, B, C, z, D ~ N(0,1)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, kind="n", scale=1.0, dtype=act_dtype):
+        x = torch.randn(*shape, generator=g) if kind == "n" else torch.rand(*shape, generator=g)
+        return (scale * x).to(device=device, dtype=dtype)
+
+    return dict(
+        u=rnd(batch, d, L), delta=rnd(batch, d, L, kind="u", scale=0.5),
+        A=rnd(d, N, kind="u", scale=-0.5, dtype=torch.float32),
+        B=rnd(batch, N, L), C=rnd(batch, N, L),
+        D=rnd(d, dtype=torch.float32) if has_d else None,
+        z=rnd(batch, d, L) if has_z else None,
+        delta_bias=rnd(d, kind="u", scale=0.5, dtype=torch.float32) if has_bias else None,
+        initial_state=rnd(batch, d, N, dtype=torch.float32) if has_h0 else None,
+    )
+
+
+def run_with_grads(fn, inputs, gy_seed=1, **kw):
+    """y, final state and the gradients of ⟨y, gy⟩ + ⟨h_T, gh⟩ w.r.t. every tensor input (random gy, gh)."""
+    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+    y, hT = fn(**leaves, **kw)
+    g = torch.Generator(device="cpu").manual_seed(gy_seed)
+    gy = torch.randn(y.shape, generator=g).to(y.device, torch.float64)
+    gh = torch.randn(hT.shape, generator=g).to(y.device, torch.float64)
+    loss = (y.double() * gy).sum() + (hT.double() * gh).sum()
+    names = [k for k in NAMES if leaves[k] is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+    out = {"y": y.detach(), "final_state": hT.detach()}
+    out.update({"d_" + k: gr for k, gr in zip(names, grads)})
+    return out
+
+
+def to64(inputs):
+    return {k: (v.double() if v is not None else None) for k, v in inputs.items()}
+
+
+def normwise_rel(ours, ref):
+    ref = ref.double()
+    return ((ours.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def bf16_excess(ours, ref):
+    """max over elements of |ours − ref| / (atol + rtol·|ref|) after scaling by max(1, max|ref|); <= 1 passes."""
+    ref = ref.double()
+    s = max(1.0, ref.abs().max().item())
+    ours, ref = ours.double() / s, ref / s
+    return ((ours - ref).abs() / (BF16_ATOL + BF16_RTOL * ref.abs())).max().item()
+
+
+# ------------------------------------------------------------------------------------------ CPU: interpreter
+
+INTERP_CASES = [
+    # (L, N, has_d, has_z, has_bias, has_h0, softplus)
+    (L, N, *flags)
+    for L in (1, 7, 33)
+    for N, flags in ((6, (True, True, True, True, True)), (4, (False, False, False, False, True)),
+                     (8, (False, True, True, False, False)), (5, (True, False, False, True, True)))
+]
+
+_WORKER = textwrap.dedent("""
+    import json, os, sys
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    import torch
+    sys.path.insert(0, sys.argv[1])
+    import test_triton_scan as t
+    from mamba_deploy.ops.selective_scan import selective_scan_ref
+    from mamba_deploy.ops.triton_scan import selective_scan_triton
+    torch.set_num_threads(2)
+    results = []
+    for i, (L, N, has_d, has_z, has_bias, has_h0, softplus) in enumerate(t.INTERP_CASES):
+        inp = t.make_inputs(2, 5, L, N, has_d=has_d, has_z=has_z, has_bias=has_bias, has_h0=has_h0,
+                            act_dtype=torch.float32, device="cpu", seed=100 + i)
+        ref = t.run_with_grads(selective_scan_ref, t.to64(inp), delta_softplus=softplus)
+        ours = t.run_with_grads(selective_scan_triton, inp, delta_softplus=softplus)
+        results.append({k: t.normwise_rel(ours[k], ref[k]) for k in ref})
+    print("RESULTS" + json.dumps(results))
+""")
+
+
+@pytest.fixture(scope="module")
+def interpreter_results():
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-c", _WORKER, os.path.dirname(__file__)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")), None)
+    assert proc.returncode == 0 and line, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(line[len("RESULTS"):])
+
+
+@pytest.mark.parametrize("case", range(len(INTERP_CASES)),
+                         ids=[f"L{c[0]}-N{c[1]}-D{int(c[2])}z{int(c[3])}b{int(c[4])}h{int(c[5])}sp{int(c[6])}"
+                              for c in INTERP_CASES])
+def test_interpreter_matches_reference(interpreter_results, case):
+    errs = interpreter_results[case]
+    expected = {"y", "final_state", "d_u", "d_delta", "d_A", "d_B", "d_C"}
+    assert expected <= set(errs), f"missing outputs/gradients: {expected - set(errs)}"
+    bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
+    assert not bad, f"normwise relative error above {FP32_REL}: {bad}"
+
+
+def test_rejects_bad_shapes():
+    from mamba_deploy.ops.triton_scan import selective_scan_triton
+    u = torch.zeros(1, 4, 8)
+    with pytest.raises(ValueError, match="B must be"):
+        selective_scan_triton(u, u, torch.zeros(4, 2), torch.zeros(1, 3, 8), torch.zeros(1, 2, 8))
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (Triton compiled kernels)")
+GPU_LS = (1, 7, 64, 511, 2048, 8192)
+GPU_FLAGS = {"all": (True, True, True, True), "bare": (False, False, False, False)}
+
+
+def _reference(inputs, L):
+    """float64 sequential reference; for L >= 2048 the float64 chunked scan (equal to it: see test below)."""
+    fn = selective_scan_ref if L < 2048 else selective_scan_chunked
+    return run_with_grads(fn, to64(inputs))
+
+
+@cuda
+@pytest.mark.gpu
+def test_chunked_float64_equals_sequential_reference_gpu():
+    inp = make_inputs(2, 48, 777, 16, has_d=True, has_z=True, has_bias=True, has_h0=True,
+                      act_dtype=torch.float64, device="cuda", seed=7)
+    inp["A"] = inp["A"].double()
+    ref = run_with_grads(selective_scan_ref, inp)
+    chk = run_with_grads(selective_scan_chunked, inp)
+    for k in ref:
+        assert normwise_rel(chk[k], ref[k]) <= 1e-10, k
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("flags", list(GPU_FLAGS))
+@pytest.mark.parametrize("N", (16, 32, 64))
+@pytest.mark.parametrize("L", GPU_LS)
+def test_gpu_matches_float64_reference(L, N, flags, dtype):
+    from mamba_deploy.ops.triton_scan import selective_scan_triton
+    has_d, has_z, has_bias, has_h0 = GPU_FLAGS[flags]
+    act = torch.float32 if dtype == "fp32" else torch.bfloat16
+    batch, d = (2, 40) if L <= 2048 else (1, 40)
+    inp = make_inputs(batch, d, L, N, has_d=has_d, has_z=has_z, has_bias=has_bias, has_h0=has_h0,
+                      act_dtype=act, device="cuda", seed=L * 7 + N)
+    ref = _reference(inp, L)
+    ours = run_with_grads(selective_scan_triton, inp)
+    assert set(ours) == set(ref)
+    assert ours["y"].dtype == act and ours["final_state"].dtype == torch.float32
+    if dtype == "fp32":
+        errs = {k: normwise_rel(ours[k], ref[k]) for k in ref}
+        bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
+        assert not bad, f"normwise relative error above {FP32_REL}: {bad}"
+    else:
+        errs = {k: bf16_excess(ours[k], ref[k]) for k in ref}
+        bad = {k: v for k, v in errs.items() if not v <= 1.0}
+        assert not bad, f"outside rtol {BF16_RTOL} / atol {BF16_ATOL} (ratio > 1): {bad}"
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_poisoned_outputs_are_overwritten_and_autocast_works():
+    """Outputs are fully written (NaN-filled caching allocator blocks would show) and bf16 autocast is accepted."""
+    from mamba_deploy.ops.selective_scan import selective_scan
+    inp = make_inputs(2, 72, 300, 16, has_d=True, has_z=True, has_bias=True, has_h0=False,
+                      act_dtype=torch.bfloat16, device="cuda", seed=3)
+    torch.empty(64 << 20, device="cuda").fill_(float("nan"))           # poison the allocator's free blocks
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ours = run_with_grads(lambda **kw: selective_scan(**kw, backend="triton"), inp)
+    ref = run_with_grads(selective_scan_ref, to64(inp))
+    for k in ref:
+        assert torch.isfinite(ours[k]).all(), k
+        assert bf16_excess(ours[k], ref[k]) <= 1.0, k
