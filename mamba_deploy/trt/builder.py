@@ -171,6 +171,11 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
 
     cache = None
     timing_cache_file = Path(timing_cache_file) if timing_cache_file else None
+    timing_cache_note = None
+    if timing_cache_file is not None and flavor == "tensorrt_rtx":
+        timing_cache_note = "ignored: timing caches are no-ops in TensorRT-RTX"
+        say(f"--timing-cache {timing_cache_note}")
+        timing_cache_file = None
     probe_config = trt.Builder(_logger(trt, False)).create_builder_config()
     if timing_cache_file is not None:
         blob = timing_cache_file.read_bytes() if timing_cache_file.is_file() else b""
@@ -181,7 +186,9 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
     n_layer = int(manifest["dims"]["n_layer"])
     report = {"artifact": str(artifact.resolve()), "tensorrt": compat.describe(), "plugin": use_plugin,
               "precision": precision or manifest["dtype"], "artifact_dtype": manifest["dtype"],
-              "strongly_typed": strongly_typed, "profiles": {}, "engines": {}}
+              "strongly_typed": strongly_typed, "timing_cache": timing_cache_note or (str(timing_cache_file)
+                                                                        if timing_cache_file else None),
+              "profiles": {}, "engines": {}}
     for graph in graphs:
         spec = graph_spec(manifest, graph)
         ranges = profile_ranges(spec, graph, max_batch, opt_batch, max_prefill_len, opt_len)

@@ -101,14 +101,16 @@ def plugin_classes(trt):
     """(plugin class, creator class) for ``trt`` (the module from compat.tensorrt()); made once per module."""
 
     def field_collection(logic: ScanOpLogic | None, op_spec):
-        fields = []
+        """(PluginFieldCollection, the numpy arrays it points into). A PluginField does not own its data: the
+        caller must keep the arrays alive as long as TensorRT may read the collection."""
+        fields, arrays = [], []
         for name, default in op_spec.attributes.items():
             value = default if logic is None else logic.fields[name]
-            if isinstance(default, int):
-                fields.append(trt.PluginField(name, np.array([value], np.int32), trt.PluginFieldType.INT32))
-            else:
-                fields.append(trt.PluginField(name, np.array([value], np.float32), trt.PluginFieldType.FLOAT32))
-        return trt.PluginFieldCollection(fields)
+            is_int = isinstance(default, int)
+            arrays.append(np.array([value], np.int32 if is_int else np.float32))
+            kind = trt.PluginFieldType.INT32 if is_int else trt.PluginFieldType.FLOAT32
+            fields.append(trt.PluginField(name, arrays[-1], kind))
+        return trt.PluginFieldCollection(fields), arrays
 
     class SelectiveScanPlugin(trt.IPluginV3, trt.IPluginV3OneCore, trt.IPluginV3OneBuild, trt.IPluginV3OneRuntime):
         def __init__(self, logic: ScanOpLogic):
@@ -151,7 +153,8 @@ def plugin_classes(trt):
             return []
 
         def get_fields_to_serialize(self):
-            return field_collection(self.logic, self.logic.spec)
+            self._fields = field_collection(self.logic, self.logic.spec)  # keeps the arrays alive
+            return self._fields[0]
 
         # runtime
         def set_tactic(self, tactic):
@@ -176,7 +179,8 @@ def plugin_classes(trt):
             self.name = op_type
             self.plugin_namespace = contract.PLUGIN_NAMESPACE
             self.plugin_version = contract.PLUGIN_VERSION
-            self.field_names = field_collection(None, contract.OPS[op_type])
+            self._fields = field_collection(None, contract.OPS[op_type])  # keeps the arrays alive
+            self.field_names = self._fields[0]
 
         def create_plugin(self, name, fc, phase):
             fields = {f.name: np.array(f.data) for f in fc} if fc is not None else {}
