@@ -160,7 +160,7 @@ def _ssm_step_kernel(xdbl_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, x_ptr, z_ptr, sta
 
 def ssm_step(xdbl: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
              x: torch.Tensor, z: torch.Tensor, ssm_state: torch.Tensor, out: torch.Tensor,
-             block_d: int = 64, rows: int | None = None) -> None:
+             block_d: int = 64, rows: int | None = None, num_warps: int = 4) -> None:
     """xdbl [M, R + 2N] = [δ_raw, B, C]; dt_weight [d, R]; dt_bias, D [d]; A [d, N] fp32 (= −exp(A_log));
     x, z [M, d] (strided views allowed); ssm_state [M, d, N] fp32 updated in place; out y [M, d]."""
     M, d = x.shape
@@ -173,7 +173,7 @@ def ssm_step(xdbl: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor,
     _ssm_step_kernel[grid](xdbl, dt_weight, dt_bias, A, D, x, z, ssm_state, out, M, d, R, N,
                            xdbl.stride(0), x.stride(0), z.stride(0), ssm_state.stride(0), ssm_state.stride(1),
                            out.stride(0), ROWS=rows, BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(R),
-                           BLOCK_N=triton.next_power_of_2(N), num_warps=4)
+                           BLOCK_N=triton.next_power_of_2(N), num_warps=num_warps)
 
 
 def ssm_step_ref(xdbl, dt_weight, dt_bias, A, D, x, z, ssm_state):
@@ -257,7 +257,7 @@ def _norm_in_proj_kernel(res_ptr, g_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr, conv_ptr,
 
 
 def norm_in_proj_conv_xproj(residual, norm_w, eps, in_w, in_b, conv_state, conv_w, conv_b, x_w, xc, z, xdbl,
-                            block_n: int = 32, block_k: int = 128) -> None:
+                            block_n: int = 32, block_k: int = 128, num_warps: int = 4, num_stages: int = 3) -> None:
     """Small-batch fused front half of a layer (see above). residual [M, d_model] (read only); conv_state
     [M, d, K] updated in place; xc, z [M, d] written; xdbl [M, R + 2N] fp32 must be zero on entry (accumulated)."""
     M, Kdim = residual.shape
@@ -274,7 +274,7 @@ def norm_in_proj_conv_xproj(residual, norm_w, eps, in_w, in_b, conv_state, conv_
         residual.stride(0), conv_state.stride(0), conv_state.stride(1), xc.stride(0), z.stride(0), xdbl.stride(0),
         HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, KCONV=conv_w.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_X=max(16, triton.next_power_of_2(XD)),
-        num_warps=4, num_stages=3)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def norm_in_proj_conv_xproj_ref(residual, norm_w, eps, in_w, in_b, conv_state, conv_w, conv_b, x_w):
@@ -312,7 +312,8 @@ def _out_proj_add_kernel(y_ptr, w_ptr, b_ptr, res_ptr, M, K, Nout, stride_y, str
     tl.store(rp, r.to(res_ptr.dtype.element_ty), mask=m2)
 
 
-def out_proj_add(y, out_w, out_b, residual, block_n: int = 16, block_k: int = 256) -> None:
+def out_proj_add(y, out_w, out_b, residual, block_n: int = 16, block_k: int = 256, num_warps: int = 4,
+                 num_stages: int = 3) -> None:
     """residual ← residual + round_act(y · W_outᵀ + b). y [M, d_inner]; residual [M, d_model] updated in place."""
     M, K = y.shape
     Nout = out_w.shape[0]
@@ -320,7 +321,7 @@ def out_proj_add(y, out_w, out_b, residual, block_n: int = 16, block_k: int = 25
     _out_proj_add_kernel[(triton.cdiv(Nout, block_n),)](
         y, out_w, out_b if out_b is not None else out_w, residual, M, K, Nout, y.stride(0), residual.stride(0),
         HAS_BIAS=out_b is not None, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=4, num_stages=3)
+        num_warps=num_warps, num_stages=num_stages)
 
 
 def out_proj_add_ref(y, out_w, out_b, residual):

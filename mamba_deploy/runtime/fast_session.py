@@ -8,7 +8,8 @@ logits. A step is then: copy ids in, replay, copy logits out.
 State ownership (the fast path): ``step`` returns a ``MambaState`` whose tensors ARE the session's static buffers
 for that batch size. Passing that same object back to the next ``step`` costs no copy; passing any other state
 copies it into the buffers first. So the returned state is valid until the next ``step``/``prefill`` of that batch
-size: ``state.clone()`` it to keep it. Logits are returned as a fresh fp32 tensor.
+size: ``state.clone()`` it to keep it. Logits are returned as a fresh fp32 tensor. Token ids already on the GPU
+are not range-checked by ``step`` (that check would cost a host sync per token); ids from the CPU are.
 
 Prefill runs the layers once over the prompt (fused add+RMSNorm kernel, cuBLAS projections, fp16 cuDNN conv,
 the model's selective-scan backend — Triton on CUDA when available, else chunked) and applies lm_head to the last
@@ -54,6 +55,8 @@ class FastDecoder:
         self.config = c
         self.eps = c.norm_eps
         self.residual_dtype = torch.float32 if c.residual_in_fp32 else model.dtype
+        # launch parameters of the kernels (block sizes, warps); measured defaults live in the wrappers
+        self.launch: dict[str, dict] = {"front": {}, "ssm": {}, "out": {}, "conv": {}}
         self.embedding = model.backbone.embedding.weight
         self.norm_f = model.backbone.norm_f.weight
         self.lm_head = model.lm_head.weight
@@ -86,9 +89,9 @@ class FastDecoder:
         y = torch.empty_like(xc)
         for i, w in enumerate(self.layers):
             norm_in_proj_conv_xproj(residual, w.norm_w, self.eps, w.in_w, w.in_b, conv[i], w.conv_w, w.conv_b,
-                                    w.x_w, xc, z, xdbl[i])
-            ssm_step(xdbl[i], w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm[i], y)
-            out_proj_add(y, w.out_w, w.out_b, residual)
+                                    w.x_w, xc, z, xdbl[i], **self.launch["front"])
+            ssm_step(xdbl[i], w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm[i], y, **self.launch["ssm"])
+            out_proj_add(y, w.out_w, w.out_b, residual, **self.launch["out"])
         u = torch.empty(M, c.d_model, dtype=self.embedding.dtype, device=ids.device)
         add_rmsnorm(residual, residual, self.norm_f, self.eps, u, has_residual=False)
         return F.linear(u, self.lm_head).float()
@@ -107,9 +110,9 @@ class FastDecoder:
         for i, w in enumerate(self.layers):
             add_rmsnorm(h, residual, w.norm_w, self.eps, u, has_residual=i > 0)
             xz = F.linear(u, w.in_w, w.in_b)                                               # [M, 2d]
-            conv_step(xz[:, :d], conv[i], w.conv_w, w.conv_b, xc)
+            conv_step(xz[:, :d], conv[i], w.conv_w, w.conv_b, xc, **self.launch["conv"])
             xdbl = F.linear(xc, w.x_w)                                                     # [M, R + 2N]
-            ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, xz[:, d:], ssm[i], y)
+            ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, xz[:, d:], ssm[i], y, **self.launch["ssm"])
             h = F.linear(y, w.out_w, w.out_b)
         add_rmsnorm(h, residual, self.norm_f, self.eps, u, has_residual=True)
         return F.linear(u, self.lm_head).float()
@@ -118,7 +121,7 @@ class FastDecoder:
 class _GraphedStep:
     """Static buffers + the captured graph of one batch size."""
 
-    def __init__(self, decoder: FastDecoder, batch: int, state: MambaState, use_graph: bool, pool=None):
+    def __init__(self, decoder: FastDecoder, batch: int, state: MambaState, use_graph: bool):
         self.decoder = decoder
         self.state = state                                   # the static state object handed to callers
         self.ids = torch.zeros(batch, dtype=torch.long, device=state.ssm[0].device)
@@ -133,7 +136,7 @@ class _GraphedStep:
                     decoder.step(self.ids, state.conv, state.ssm)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            with torch.cuda.graph(self.graph):
                 self.logits = decoder.step(self.ids, state.conv, state.ssm)
             copy_state(saved, state)                         # warm-up and capture advanced nothing visible
 
@@ -169,14 +172,13 @@ class FastSession(Session):
         with torch.inference_mode():
             self.decoder = FastDecoder(model, small_batch_max)
         self._steps: dict[int, _GraphedStep] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graph else None
 
     # -- static buffers ---------------------------------------------------------------------------------------
     def _step_for(self, batch: int) -> _GraphedStep:
         g = self._steps.get(batch)
         if g is None:
             with torch.inference_mode():
-                g = _GraphedStep(self.decoder, batch, self.new_state(batch), self.use_graph, self._pool)
+                g = _GraphedStep(self.decoder, batch, self.new_state(batch), self.use_graph)
             self._steps[batch] = g
         return g
 
@@ -197,7 +199,11 @@ class FastSession(Session):
 
     @torch.inference_mode()
     def step(self, input_ids, state: MambaState):
-        ids = self.check_ids(input_ids, 1).to(self.device, non_blocking=True)
+        if (isinstance(input_ids, torch.Tensor) and input_ids.device == self.device and input_ids.dim() == 1
+                and input_ids.dtype in (torch.int64, torch.int32)):
+            ids = input_ids   # ids already on the GPU: no range check, which would cost a host sync per step
+        else:
+            ids = self.check_ids(input_ids, 1).to(self.device, non_blocking=True)
         g = self._step_for(ids.shape[0])
         if state is not g.state:                             # slow path: a state the session does not own
             self.check_state(state, ids.shape[0])
