@@ -160,6 +160,7 @@ def test_cli_text_prompt_with_tokenizer(ckpt, session, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--artifact", "/nonexistent/artifact", "--prompt-ids", "1"], "does not exist"),
     (["--model", "{ckpt}", "--prompt-ids", "1", "--backend", "nosuch"], "unknown backend 'nosuch'"),
+    (["--model", "{ckpt}", "--prompt-ids", "1", "--backend", "onnxruntime"], "runs an exported artifact"),
     (["--model", "{ckpt}", "--prompt", "w1", "--tokenizer", "/nonexistent/tokenizer.json"],
      "tokenizer file /nonexistent/tokenizer.json does not exist"),
     (["--model", "{ckpt}", "--prompt", "w1"], "needs --tokenizer"),

@@ -22,13 +22,16 @@ from ..errors import CheckFailed, UserError
 @click.option("--atol", type=float, default=None,
               help="Absolute tolerance (default per artifact dtype, from mamba_deploy/onnx/tolerances.py).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance (default per artifact dtype, as --atol).")
+@click.option("--device", default=None,
+              help="Device of the checked backends: cpu or cuda[:N] (default: each backend's own; cpu for "
+                   "onnxruntime). The reference always runs fp32 on CPU.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where the report, plot and Polygraphy step files go (default: ARTIFACT/check).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="JSON report with per-step errors (default: OUT/report.json).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="PNG of max abs error vs step per backend (default: OUT/errors.png).")
-def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol, rtol, out_dir, json_path,
+def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol, rtol, device, out_dir, json_path,
             plot_path):
     """Check an artifact against the fp32 PyTorch model of its source checkpoint.
 
@@ -82,7 +85,8 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
     rtol = d_rtol if rtol is None else rtol
 
     source = model_ref or manifest["source"]["checkpoint"]
-    sessions = {name: open_backend(artifact, name) for name in names}
+    options = {"device": device} if device else {}
+    sessions = {name: open_backend(artifact, name, **options) for name in names}
     reference = open_session(load_model(source, dtype=torch.float32), "torch")
     vocab = int(manifest["config"]["vocab_size"])
     if reference.vocab_size != next(iter(sessions.values())).vocab_size:

@@ -55,7 +55,7 @@ def real_vocab_size(session, manifest: dict | None) -> int | None:
 @click.option("--artifact", type=click.Path(), default=None, metavar="DIR",
               help="An exported artifact directory (manifest.json, step.onnx, prefill.onnx).")
 @click.option("--model", "model_ref", default=None, metavar="REF",
-              help="A checkpoint (local directory or hub id) instead of an artifact; torch backend only.")
+              help="A checkpoint (local directory or hub id) instead of an artifact (for the torch backends).")
 @click.option("--backend", default="torch", show_default=True, metavar="NAME",
               help="torch, onnxruntime, or another registered backend. With --artifact and torch, the PyTorch "
                    "model is the artifact's source checkpoint.")
@@ -74,7 +74,8 @@ def real_vocab_size(session, manifest: dict | None) -> int | None:
               help="Seed of each sequence's random generator (same seed, same tokens).")
 @click.option("--stop-ids", "stop_ids", default=None, metavar="ID[,ID…]",
               help="Token ids that end a sequence (e.g. the EOS id 0 of GPT-NeoX's tokenizer).")
-@click.option("--device", default="cpu", show_default=True, help="Torch device for the torch backend.")
+@click.option("--device", default=None,
+              help="Device of the backend: cpu or cuda[:N] (default: the backend's; cpu for torch and onnxruntime).")
 def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_new_tokens, temperature, top_k,
             top_p, seed, stop_ids, device):
     """Continue one or more prompts, printing tokens as they are generated.
@@ -98,9 +99,6 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
         raise UserError("give exactly one of --artifact DIR or --model REF")
     if artifact is not None and not Path(artifact).is_dir():
         raise UserError(f"artifact directory {artifact} does not exist; create it with `mamba-deploy export`")
-    if model_ref is not None and backend != "torch":
-        raise UserError(f"--backend {backend} runs an exported artifact: pass --artifact DIR "
-                        "(make one with `mamba-deploy export --model REF`)")
     if prompt_ids and prompts:
         raise UserError("give --prompt-ids or --prompt, not both")
     if not prompt_ids and not prompts:
@@ -122,7 +120,7 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
     if artifact is not None:
         from ..onnx.manifest import read_manifest
         manifest = read_manifest(artifact)
-    options = {"device": device} if backend == "torch" else {}
+    options = {"device": device} if device else {}
     session = open_backend(artifact if artifact is not None else model_ref, backend, **options)
 
     batch = len(ids)
