@@ -83,7 +83,11 @@ def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: t
 # over lanes and warps, i.e. a cross-warp scan); expand_dims stops that propagation, so the 5-D math keeps the
 # default layout (time and NS/DS in-thread, NL × channel lanes, warps over channels).
 
-@triton.jit
+_NO_SPEC = ["Dm", "L", "N", "n_chunks", "s_ub", "s_ud", "s_db", "s_dd", "s_zb", "s_zd", "s_ob", "s_od", "s_gb",
+            "s_gd", "s_Ad", "s_Bb", "s_Bn", "s_Cb", "s_Cn"]   # one compiled variant per tile/dtype, whatever L
+
+
+@triton.jit(do_not_specialize=[a for a in _NO_SPEC if a not in ("s_gb", "s_gd")])
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, hT_ptr, hs_ptr,
@@ -153,7 +157,7 @@ def _scan_fwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- backward kernel
 
-@triton.jit
+@triton.jit(do_not_specialize=[a for a in _NO_SPEC if a not in ("s_ob", "s_od")])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, dout_ptr, dhT_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
@@ -303,9 +307,7 @@ def default_configs(N: int) -> tuple[ScanConfig, ScanConfig]:
     """(forward, backward) tiles; both use the same T (the backward restarts from the states saved per chunk)."""
     if _interpreting():
         return ScanConfig(8, 2, 1, 1), ScanConfig(8, 2, 1, 1)
-    if N <= 16:
-        return ScanConfig(16, 4, 1, 4), ScanConfig(16, 4, 1, 4)
-    return ScanConfig(16, 4, 1, 4), ScanConfig(16, 4, 1, 4)
+    return ScanConfig(8, 4, 1, 4), ScanConfig(8, 4, 1, 4)
 
 
 _CONFIG_OVERRIDE: dict[str, ScanConfig] = {}
