@@ -93,7 +93,7 @@ def test_prefill_scan_is_a_loop_independent_of_seq(artifacts):
     n_nodes = len(list(all_nodes(model.graph.node))) + sum(len(list(all_nodes(f.node))) for f in model.functions)
     assert n_nodes < 400  # tiny model, 2 layers: a graph unrolled over a sequence would be far larger
     other = load(artifacts(all_logits=True), contract.PREFILL_GRAPH)
-    assert abs(len(other.graph.node) - len(model.graph.node)) < 8
+    assert abs(len(other.graph.node) - len(model.graph.node)) < 20  # only the head differs
     # the step graph holds no Scan/Loop at all
     step = load(art, contract.STEP_GRAPH)
     assert not [n for n in all_nodes(step.graph.node) if n.op_type in ("Scan", "Loop")]

@@ -265,10 +265,13 @@ class MambaGraphs:
         if all_logits:
             shape = g.op("Concat", [shape_bl, g.ints([c.padded_vocab_size])], "shape_blv", axis=0)
             self._head(g, residual, "logits", reshape_to=shape)
-        else:  # only the last position: [b·L, D] → [b, L, D] → [b, D]
-            r3 = g.op("Reshape", [residual, g.op("Concat", [shape_bl, g.ints([c.d_model])], "shape", axis=0)], "r3")
-            last = g.op("Slice", [r3, g.ints([-1]), g.ints([INT_MAX]), g.ints([1])], "last")
-            self._head(g, g.op("Reshape", [last, g.ints([-1, c.d_model])], "last_flat"), "logits")
+        else:  # only the last position: rows L−1, 2L−1, … of [b·L, D]. (Gathered rather than reshaped to
+            # [b, L, D] and sliced: TensorRT-RTX 1.7's Myelin fails to build that Reshape after the Scan in fp32.)
+            scalar = lambda v: g.op("Squeeze", [v], "scalar")                                    # noqa: E731
+            L = g.op("Slice", [shape_bl, g.ints([1]), g.ints([2])], "L")
+            BL = g.op("Mul", [g.op("Slice", [shape_bl, g.ints([0]), g.ints([1])], "B"), L], "BL")
+            rows = g.op("Range", [scalar(g.op("Sub", [L, g.ints([1])], "L_1")), scalar(BL), scalar(L)], "rows")
+            self._head(g, g.op("Gather", [residual, rows], "last", axis=0), "logits")
         inputs, outputs = self.io("prefill", all_logits)
         return g.model("mamba_prefill", inputs, outputs, opset)
 
