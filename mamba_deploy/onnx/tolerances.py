@@ -7,6 +7,9 @@ elementwise, over a prefill and an N-step rollout in which the backend feeds bac
   (tests/test_ort_session.py); rtol leaves room for large logits (≈ 20) of real models.
 * fp16 (unit roundoff 4.9e-4) and bf16 (3.9e-3): weights, activations and the conv state rounded, SSM state
   and residual stream fp32; tiny models on ONNX Runtime CPU stay within 5e-4 of fp32 logits (|logit| ≤ 0.7).
+
+Measured on ONNX Runtime CPU, 370m-shaped random model, 16-token prefill + 4 steps vs fp32 PyTorch
+(|logit| ≤ 9.4): fp32 artifact 3.5e-6, fp16 artifact 3.1e-3 max abs error.
 """
 from __future__ import annotations
 

@@ -58,6 +58,7 @@ class OrtSession(Session):
 
         self.device = torch.device(device)
         self.options = ort.SessionOptions()
+        self.options.log_severity_level = 3  # errors only (the CUDA EP warns about every CPU-placed shape op)
         if threads:
             self.options.intra_op_num_threads = threads
         if self.device.type == "cuda":
@@ -65,7 +66,9 @@ class OrtSession(Session):
                 raise UserError("device cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available: "
                                 f"{', '.join(ort.get_available_providers())}); pip install onnxruntime-gpu, or use "
                                 "--device cpu")
-            opts = {"device_id": self.device.index or 0, "use_tf32": int(bool(use_tf32))}
+            if self.device.index is None:
+                self.device = torch.device("cuda", torch.cuda.current_device())
+            opts = {"device_id": self.device.index, "use_tf32": int(bool(use_tf32))}
             opts.update(cuda_options or {})
             self.providers = [("CUDAExecutionProvider", opts), "CPUExecutionProvider"]
         elif self.device.type == "cpu":
@@ -109,7 +112,7 @@ class OrtSession(Session):
     def _run_cuda(self, graph, feeds, out_names, ids_shape) -> dict[str, torch.Tensor]:
         sess = self.session(graph)
         binding = sess.io_binding()
-        dev = self.device.index if self.device.index is not None else torch.cuda.current_device()
+        dev = self.device.index
         keep = []  # keep the contiguous copies alive until the run is over
         for name, t in feeds.items():
             t = t.detach().to(self.device).contiguous()
