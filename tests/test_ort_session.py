@@ -225,3 +225,30 @@ def test_cli_export_then_session_via_subprocess(tiny_checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]
     logits, _ = open_session(out, backend="onnxruntime").prefill(torch.tensor([[1, 2, 3]]))
     assert logits.shape == (1, VOCAB)
+
+
+# ---- CUDA execution provider (IO binding on torch CUDA tensors); runs only where onnxruntime-gpu and a GPU are --
+def _cuda_ep() -> bool:
+    import onnxruntime as ort
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_ep(), reason="needs a CUDA GPU and onnxruntime-gpu (CUDAExecutionProvider)")
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_cuda_io_binding_matches_torch(artifact, reference, dtype):
+    torch.manual_seed(6)
+    model = reference["state-spaces"]
+    sess = open_session(artifact(dtype=dtype), backend="onnxruntime", device="cuda", use_tf32=False)
+    ids = torch.randint(0, VOCAB, (3, 80))
+    with torch.no_grad():
+        full, _ = model(ids)
+    logits, state = sess.prefill(ids[:, :40].cuda())
+    assert logits.is_cuda and state.ssm[0].is_cuda and state.conv[0].device == sess.device
+    steps, state = rollout(sess.step, state, ids[:, 40:].cuda())
+    got = torch.cat([logits[:, None], steps], 1).cpu()
+    want = full[:, 39:]
+    if dtype == "fp32":
+        assert (got - want).abs().max() <= FP32_ATOL
+    else:
+        assert close(got, want, dtype), f"max abs error {(got - want).abs().max():.3g}"
