@@ -208,3 +208,12 @@ def test_nvcc_compiles_kernels_for_all_archs(tmp_path):
                                   None) == 1
     assert c.mamba_selective_scan(*args, i64(0), i64(4), i64(3), i32(16), i32(0), i32(1), ctypes.c_float(20.0),
                                   None) == 0
+
+
+def test_missing_nvcc_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels.shutil, "which", lambda name: None)
+    for var in ("NVCC", "CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(kernels, "Path", lambda p: tmp_path / "none" / str(p).lstrip("/"))
+    with pytest.raises(UserError, match="nvcc .* was not found"):
+        kernels.find_nvcc()
