@@ -17,6 +17,7 @@ COMMANDS = {
     "random": ("random_ckpt", "Write a checkpoint of a named size with random weights (no hub needed)."),
     "export": ("export", "Export a checkpoint to an ONNX artifact (step + prefill graphs, manifest)."),
     "build": ("build", "Build TensorRT engines (step + prefill) for an artifact, with the selective-scan plugin."),
+    "train": ("train", "Train a model from a TOML config or preset (synthetic tasks, text), with checkpoints."),
 }
 
 
