@@ -122,12 +122,12 @@ class GraphBuilder:
     def model(self, name, inputs, outputs, opset) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, name, inputs, outputs,
                                   initializer=[self.weights.tensors[n] for n in self.used])
-        model = helper.make_model(
+        used_ops = {n.op_type for n in self.nodes if n.domain == contract.DOMAIN}
+        return helper.make_model(
             graph, ir_version=contract.IR_VERSION, producer_name=contract.EXPORTER_NAME, producer_version=__version__,
-            opset_imports=[helper.make_opsetid("", opset), helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)],
-            functions=[f for f in functions(opset) if f.name in {n.op_type for n in self.nodes
-                                                                  if n.domain == contract.DOMAIN}])
-        return model
+            opset_imports=[helper.make_opsetid("", opset),
+                           helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)],
+            functions=[f for f in functions(opset) if f.name in used_ops])
 
 
 class MambaGraphs:
@@ -171,7 +171,7 @@ class MambaGraphs:
     # -- step graph ------------------------------------------------------------------------------------------
     def step_mixer(self, g: GraphBuilder, h, i: int):
         c, p = self.cfg, f"backbone.layers.{i}.mixer."
-        d, N, r, k = c.d_inner, c.d_state, c.dt_rank_value, c.d_conv
+        d, N, r = c.d_inner, c.d_state, c.dt_rank_value
         x, z = g.op("Split", [self.linear(g, h, p + "in_proj", c.bias), g.ints([d, d])], "xz", n_out=2, axis=-1)
         # conv state ← [conv_state[..., 1:], x]   (the last d_conv inputs, pre-conv)
         shifted = g.op("Slice", [contract.conv_state_name(i), g.ints([1]), g.ints([INT_MAX]), g.ints([2])], "shift")
