@@ -67,10 +67,28 @@ INTERP_SCRIPT = textwrap.dedent("""
     r1 = r0.clone()
     td.out_proj_add(yy, ow, ob, r1)
     worst["out_proj_add"] = rel(r1, td.out_proj_add_ref(yy, ow, ob, r0))
+    r3 = r0.clone()
+    td.out_proj_add(yy, ow, ob, r3, block_k=16, split_k=2)
+    worst["out_proj_add(split_k=2)"] = rel(r3, td.out_proj_add_ref(yy, ow, ob, r0))
+    b, L = 2, 5
+    xr_rows = torch.randn(b * L, 2 * d)[:, :d]                         # a strided view, as in the session
+    c0 = torch.randn(b, d, K)
+    out = torch.full((b * L, d), float("nan"))
+    td.conv_rows(xr_rows, b, c0, cw, cb, out, block_t=4, block_d=32)
+    worst["conv_rows"] = rel(out, td.conv_rows_ref(xr_rows, b, c0, cw, cb)[0])
+    dtr, zr, xdr = torch.randn(b * L, d), torch.randn(b * L, d), torch.randn(b * L, R + 2 * N)
+    h0 = torch.randn(b, d, N)
+    yo, ho = torch.full((b * L, d), float("nan")), torch.full((b, d, N), float("nan"))
+    td.scan_rows(out, dtr, zr, xdr, A, D, dtb, h0, yo, ho, b, block_d=32)
+    yref, href = td.scan_rows_ref(out, dtr, zr, xdr, A, D, dtb, h0, b)
+    worst["scan_rows"] = max(rel(yo, yref), rel(ho, href))
     model = random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=96, d_state=8), seed=3)
     ref = TorchSession(model)
-    for small in (16, 0):                              # both decode paths
-        fast = FastSession(model, use_graph=False, small_batch_max=small)
+    variants = [dict(small_batch_max=16), dict(small_batch_max=0, prefill_scan="triton-rows"),
+                dict(prefill_impl="model-layout", prefill_scan="triton")]
+    for kw in variants:                                # both decode paths, the prefill variants
+        fast = FastSession(model, use_graph=False, **{"prefill_scan": "rows", **kw})
+        small = str(kw)
         ids = torch.randint(0, 96, (2, 7))
         l1, s1 = ref.prefill(ids)
         l2, s2 = fast.prefill(ids)
@@ -80,7 +98,12 @@ INTERP_SCRIPT = textwrap.dedent("""
             l1, s1 = ref.step(nid, s1)
             l2, s2 = fast.step(nid, s2 if t != 3 else s2.clone())    # t = 3: a state the session does not own
             e = max(e, rel(l2, l1), max(rel(a, b) for a, b in zip(s2.ssm, s1.ssm)))
-        worst[f"session(small_batch_max={small})"] = e
+        ids2 = torch.randint(0, 96, (2, 2))            # a 2-token continuation: L < d_conv, state carried
+        l1, s1 = ref.prefill(ids2, s1)
+        l2, s2 = fast.prefill(ids2, s2)
+        e = max(e, rel(l2, l1), max(rel(a, b) for a, b in zip(s2.conv, s1.conv)),
+                max(rel(a, b) for a, b in zip(s2.ssm, s1.ssm)))
+        worst[f"session({small})"] = e
     print("WORST", worst)
     assert all(v < 1e-5 for v in worst.values()), worst
 """)
@@ -143,6 +166,9 @@ def test_kernels_match_references_fp16(M):
         r1 = r0.clone()
         td.out_proj_add(yy, ow, None, r1)
         assert rel(r1, td.out_proj_add_ref(yy, ow, None, r0)) < 2e-3
+        r3 = r0.clone()
+        td.out_proj_add(yy, ow, None, r3, split_k=4)
+        assert rel(r3, td.out_proj_add_ref(yy, ow, None, r0)) < 2e-3
     torch.cuda.synchronize()
 
 
@@ -199,6 +225,7 @@ def test_graph_replay_equals_eager_fast_step(models_370m):
     graphed, eager = FastSession(m16), FastSession(m16, use_graph=False)
     ids = torch.randint(0, m16.config.vocab_size, (4, 16), device="cuda")
     _, sg = graphed.prefill(ids)
+    eager.decoder.launch_for = graphed.decoder.launch_for          # the launch parameters the tuner chose
     _, se = eager.prefill(ids)
     for t in range(8):
         nid = torch.randint(0, m16.config.vocab_size, (4,), device="cuda")

@@ -198,9 +198,9 @@ def ssm_step_ref(xdbl, dt_weight, dt_bias, A, D, x, z, ssm_state):
 # ---------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _norm_in_proj_kernel(res_ptr, g_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr, conv_ptr, wx_ptr, xc_ptr, z_ptr, xdbl_ptr,
-                         M, K, d_inner, XD, eps,
+                         M, d_inner, XD, eps,
                          stride_r, stride_cb, stride_cd, stride_xc, stride_z, stride_xdbl,
-                         HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, KCONV: tl.constexpr,
+                         K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr, KCONV: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                          BLOCK_X: tl.constexpr):
     pid_n = tl.program_id(0)
@@ -270,9 +270,9 @@ def norm_in_proj_conv_xproj(residual, norm_w, eps, in_w, in_b, conv_state, conv_
     grid = (2 * d // block_n,)
     _norm_in_proj_kernel[grid](
         residual, norm_w, in_w, in_b if in_b is not None else in_w, conv_w, conv_b if conv_b is not None else conv_w,
-        conv_state, x_w, xc, z, xdbl, M, Kdim, d, XD, eps,
+        conv_state, x_w, xc, z, xdbl, M, d, XD, eps,
         residual.stride(0), conv_state.stride(0), conv_state.stride(1), xc.stride(0), z.stride(0), xdbl.stride(0),
-        HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, KCONV=conv_w.shape[1],
+        K=Kdim, HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, KCONV=conv_w.shape[1],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_X=max(16, triton.next_power_of_2(XD)),
         num_warps=num_warps, num_stages=num_stages)
 
@@ -287,42 +287,201 @@ def norm_in_proj_conv_xproj_ref(residual, norm_w, eps, in_w, in_b, conv_state, c
 
 
 @triton.jit
-def _out_proj_add_kernel(y_ptr, w_ptr, b_ptr, res_ptr, M, K, Nout, stride_y, stride_r,
-                         HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+def _out_proj_add_kernel(y_ptr, w_ptr, b_ptr, res_ptr, M, Nout, stride_y, stride_r,
+                         K: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
     ms = tl.arange(0, BLOCK_M)
     mmask = ms < M
     ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = ns < Nout
     ks = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + ks
+    KS: tl.constexpr = K // SPLIT_K                                       # this program's slice of K
+    for k0 in range(0, KS, BLOCK_K):
+        kk = pid_k * KS + k0 + ks
         kmask = kk < K
         y = tl.load(y_ptr + ms[:, None] * stride_y + kk[None, :], mask=mmask[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + ns[None, :] * K + kk[:, None], mask=kmask[:, None] & nmask[None, :], other=0.0)
         acc += tl.dot(y, w)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    h = acc.to(y_ptr.dtype.element_ty).to(tl.float32)                   # out_proj output, activation dtype
     rp = res_ptr + ms[:, None] * stride_r + ns[None, :]
     m2 = mmask[:, None] & nmask[None, :]
-    r = tl.load(rp, mask=m2, other=0.0).to(tl.float32) + h
-    tl.store(rp, r.to(res_ptr.dtype.element_ty), mask=m2)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        h = acc.to(y_ptr.dtype.element_ty).to(tl.float32)               # out_proj output, activation dtype
+        r = tl.load(rp, mask=m2, other=0.0).to(tl.float32) + h
+        tl.store(rp, r.to(res_ptr.dtype.element_ty), mask=m2)
+    else:
+        # partial sums go straight into the fp32 residual (no rounding of the out_proj output in between)
+        if HAS_BIAS:
+            if pid_k == 0:
+                acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.atomic_add(rp, acc, mask=m2)
 
 
 def out_proj_add(y, out_w, out_b, residual, block_n: int = 16, block_k: int = 256, num_warps: int = 4,
-                 num_stages: int = 3) -> None:
-    """residual ← residual + round_act(y · W_outᵀ + b). y [M, d_inner]; residual [M, d_model] updated in place."""
+                 num_stages: int = 3, split_k: int = 1) -> None:
+    """residual ← residual + round_act(y · W_outᵀ + b). y [M, d_inner]; residual [M, d_model] updated in place.
+    ``split_k`` > 1 (fp32 residual only) splits the reduction over programs that add into the residual
+    atomically, skipping the rounding of the out_proj output."""
     M, K = y.shape
     Nout = out_w.shape[0]
     assert M <= 64 and out_w.is_contiguous() and y.stride(1) == 1 and residual.stride(1) == 1
-    _out_proj_add_kernel[(triton.cdiv(Nout, block_n),)](
-        y, out_w, out_b if out_b is not None else out_w, residual, M, K, Nout, y.stride(0), residual.stride(0),
-        HAS_BIAS=out_b is not None, BLOCK_M=max(16, triton.next_power_of_2(M)), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1 and (residual.dtype != torch.float32 or K % (split_k * block_k)):
+        split_k = 1
+    _out_proj_add_kernel[(triton.cdiv(Nout, block_n), split_k)](
+        y, out_w, out_b if out_b is not None else out_w, residual, M, Nout, y.stride(0), residual.stride(0),
+        K=K, HAS_BIAS=out_b is not None, SPLIT_K=split_k, BLOCK_M=max(16, triton.next_power_of_2(M)),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages)
 
 
 def out_proj_add_ref(y, out_w, out_b, residual):
     return (residual.float() + F.linear(y, out_w, out_b).float()).to(residual.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# prefill in the row layout [b·L, channels] that the projections produce (no transposes, no copies)
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_rows_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, L, d_inner, stride_x, stride_sb, stride_sd,
+                      stride_o, HAS_BIAS: tl.constexpr, KCONV: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """xc[b, t] = SiLU(bias + Σ_j w[:, j] · H[t + 1 + j]),  H = [conv state (KCONV columns), x[b, 0..L−1]]."""
+    pid_t = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    b = tl.program_id(2)
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    tmask = ts < L
+    dmask = ds < d_inner
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(KCONV):
+        i = ts + 1 + j                                                  # index into H
+        from_x = i >= KCONV
+        xv = tl.load(x_ptr + (b * L + (i - KCONV))[:, None] * stride_x + ds[None, :],
+                     mask=(tmask & from_x)[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        sv = tl.load(state_ptr + b * stride_sb + ds[None, :] * stride_sd + i[:, None],
+                     mask=(tmask & (i < KCONV))[:, None] & dmask[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + ds * KCONV + j, mask=dmask, other=0.0).to(tl.float32)
+        acc += (xv + sv) * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    acc = acc * tl.sigmoid(acc)
+    tl.store(out_ptr + (b * L + ts)[:, None] * stride_o + ds[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=tmask[:, None] & dmask[None, :])
+
+
+def conv_rows(x: torch.Tensor, batch: int, conv_state: torch.Tensor, weight: torch.Tensor,
+              bias: torch.Tensor | None, out: torch.Tensor, block_t: int = 64, block_d: int = 64) -> None:
+    """Causal depthwise conv + SiLU over a prompt. x [b·L, d] rows (strided view allowed); conv_state [b, d, K]
+    (the K inputs before the prompt; read only); out [b·L, d] rows."""
+    rows, d = x.shape
+    L = rows // batch
+    K = weight.shape[1]
+    assert x.stride(1) == 1 and out.stride(1) == 1 and conv_state.stride(2) == 1 and weight.is_contiguous()
+    grid = (triton.cdiv(L, block_t), triton.cdiv(d, block_d), batch)
+    _conv_rows_kernel[grid](x, conv_state, weight, bias if bias is not None else weight, out, L, d, x.stride(0),
+                            conv_state.stride(0), conv_state.stride(1), out.stride(0), HAS_BIAS=bias is not None,
+                            KCONV=K, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+
+
+def conv_rows_ref(x, batch, conv_state, weight, bias):
+    """Returns (xc rows, new conv state) the way MambaMixer.forward computes them."""
+    rows, d = x.shape
+    L = rows // batch
+    xt = x.view(batch, L, d).transpose(1, 2)
+    history = torch.cat([conv_state.to(x.dtype), xt], dim=-1)
+    xc = F.silu(F.conv1d(history[..., 1:].float(), weight[:, None, :].float(),
+                         None if bias is None else bias.float(), groups=d)).to(x.dtype)
+    return xc.transpose(1, 2).reshape(rows, d), history[..., -weight.shape[1]:]
+
+
+@triton.jit
+def _scan_rows_step(t, b, L, x_ptr, dt_ptr, z_ptr, xdbl_ptr, y_ptr, h, A, Dv, dtb, ds, ns, dmask, nmask,
+                    stride_x, stride_dt, stride_z, stride_xdbl, stride_y, R, N):
+    row = b * L + t
+    act = y_ptr.dtype.element_ty
+    x = tl.load(x_ptr + row * stride_x + ds, mask=dmask, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + row * stride_dt + ds, mask=dmask, other=0.0).to(tl.float32) + dtb
+    z = tl.load(z_ptr + row * stride_z + ds, mask=dmask, other=0.0).to(tl.float32)
+    B = tl.load(xdbl_ptr + row * stride_xdbl + R + ns, mask=nmask, other=0.0).to(act).to(tl.float32)
+    C = tl.load(xdbl_ptr + row * stride_xdbl + R + N + ns, mask=nmask, other=0.0).to(act).to(tl.float32)
+    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))                 # softplus, threshold 20
+    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * B[None, :]
+    y = tl.sum(h * C[None, :], axis=1) + Dv * x
+    y = y * (z * tl.sigmoid(z))
+    tl.store(y_ptr + row * stride_y + ds, y.to(act), mask=dmask)
+    return h
+
+
+@triton.jit
+def _scan_rows_kernel(x_ptr, dt_ptr, z_ptr, xdbl_ptr, A_ptr, D_ptr, dtb_ptr, h0_ptr, y_ptr, hT_ptr,
+                      L, d_inner, R, N, stride_x, stride_dt, stride_z, stride_xdbl, stride_y,
+                      stride_hb, stride_hd, HAS_H0: tl.constexpr, L_CONST: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Time-sequential selective scan of one batch row and BLOCK_D channels; h [BLOCK_D, N] stays in registers,
+    every step's loads are independent of h (the compiler pipelines them)."""
+    pid_d = tl.program_id(0)
+    b = tl.program_id(1)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    ns = tl.arange(0, BLOCK_N)
+    dmask = ds < d_inner
+    nmask = ns < N
+    dn = dmask[:, None] & nmask[None, :]
+    A = tl.load(A_ptr + ds[:, None] * N + ns[None, :], mask=dn, other=0.0)
+    Dv = tl.load(D_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    dtb = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
+    hp = b * stride_hb + ds[:, None] * stride_hd + ns[None, :]
+    if HAS_H0:
+        h = tl.load(h0_ptr + hp, mask=dn, other=0.0)
+    else:
+        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    if L_CONST > 0:      # the Triton interpreter (tests) needs a compile-time trip count
+        for t in range(L_CONST):
+            h = _scan_rows_step(t, b, L, x_ptr, dt_ptr, z_ptr, xdbl_ptr, y_ptr, h, A, Dv, dtb, ds, ns, dmask,
+                                nmask, stride_x, stride_dt, stride_z, stride_xdbl, stride_y, R, N)
+    else:
+        for t in range(L):
+            h = _scan_rows_step(t, b, L, x_ptr, dt_ptr, z_ptr, xdbl_ptr, y_ptr, h, A, Dv, dtb, ds, ns, dmask,
+                                nmask, stride_x, stride_dt, stride_z, stride_xdbl, stride_y, R, N)
+    tl.store(hT_ptr + hp, h, mask=dn)
+
+
+def scan_rows(x, dt, z, xdbl, A, D, dt_bias, h0, y, h_out, batch: int, block_d: int = 32,
+              num_warps: int = 4, num_stages: int = 3) -> None:
+    """Selective scan over a prompt in the row layout. x, dt (= W_dt·δ_raw, bias not added), z: [b·L, d] rows;
+    xdbl [b·L, R + 2N] (B, C read from it); A [d, N] fp32; D, dt_bias [d]; h0 [b, d, N] fp32 or None;
+    writes y [b·L, d] and the final state h_out [b, d, N] fp32 (may be h0)."""
+    rows, d = x.shape
+    L = rows // batch
+    N = A.shape[1]
+    R = xdbl.shape[1] - 2 * N
+    for t in (x, dt, z, xdbl, y):
+        assert t.stride(1) == 1
+    assert h_out.is_contiguous() and (h0 is None or h0.stride() == h_out.stride()) and A.is_contiguous()
+    import os
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    grid = (triton.cdiv(d, block_d), batch)
+    _scan_rows_kernel[grid](x, dt, z, xdbl, A, D, dt_bias, h0 if h0 is not None else h_out, y, h_out,
+                            L, d, R, N, x.stride(0), dt.stride(0), z.stride(0), xdbl.stride(0), y.stride(0),
+                            h_out.stride(0), h_out.stride(1), HAS_H0=h0 is not None,
+                            L_CONST=L if interpreting else 0, BLOCK_D=block_d,
+                            BLOCK_N=triton.next_power_of_2(N), num_warps=num_warps, num_stages=num_stages)
+
+
+def scan_rows_ref(x, dt, z, xdbl, A, D, dt_bias, h0, batch):
+    """Returns (y rows, final state) from ops.selective_scan.selective_scan_ref on the transposed tensors."""
+    from .selective_scan import selective_scan_ref
+    rows, d = x.shape
+    L = rows // batch
+    N = A.shape[1]
+    R = xdbl.shape[1] - 2 * N
+
+    def t(v):  # rows → [b, channels, L]
+        return v.reshape(batch, L, -1).transpose(1, 2)
+    Bm, Cm = t(xdbl[:, R:R + N]), t(xdbl[:, R + N:])
+    y, h = selective_scan_ref(t(x), t(dt), A, Bm, Cm, D=D.float(), z=t(z), delta_bias=dt_bias.float(),
+                              delta_softplus=True, initial_state=h0)
+    return y.transpose(1, 2).reshape(rows, d), h

@@ -55,8 +55,11 @@ class FastDecoder:
         self.config = c
         self.eps = c.norm_eps
         self.residual_dtype = torch.float32 if c.residual_in_fp32 else model.dtype
-        # launch parameters of the kernels (block sizes, warps); measured defaults live in the wrappers
+        # launch parameters of the kernels (block sizes, warps): ``launch`` for every batch size unless
+        # ``tune(batch)`` measured better ones for that size (``launch_for[batch]``, timings in ``tuning_log``)
         self.launch: dict[str, dict] = {"front": {}, "ssm": {}, "out": {}, "conv": {}}
+        self.launch_for: dict[int, dict[str, dict]] = {}
+        self.tuning_log: dict[int, dict] = {}
         self.embedding = model.backbone.embedding.weight
         self.norm_f = model.backbone.norm_f.weight
         self.lm_head = model.lm_head.weight
@@ -82,6 +85,7 @@ class FastDecoder:
         d = c.d_inner
         residual = F.embedding(ids, self.embedding).to(self.residual_dtype)
         M = residual.shape[0]
+        launch = self.launch_for.get(M, self.launch)
         xd = self.layers[0].x_w.shape[0]
         xdbl = torch.zeros(c.n_layer, M, xd, dtype=torch.float32, device=ids.device)     # x_proj accumulators
         xc = torch.empty(M, d, dtype=self.embedding.dtype, device=ids.device)
@@ -89,9 +93,9 @@ class FastDecoder:
         y = torch.empty_like(xc)
         for i, w in enumerate(self.layers):
             norm_in_proj_conv_xproj(residual, w.norm_w, self.eps, w.in_w, w.in_b, conv[i], w.conv_w, w.conv_b,
-                                    w.x_w, xc, z, xdbl[i], **self.launch["front"])
-            ssm_step(xdbl[i], w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm[i], y, **self.launch["ssm"])
-            out_proj_add(y, w.out_w, w.out_b, residual, **self.launch["out"])
+                                    w.x_w, xc, z, xdbl[i], **launch["front"])
+            ssm_step(xdbl[i], w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm[i], y, **launch["ssm"])
+            out_proj_add(y, w.out_w, w.out_b, residual, **launch["out"])
         u = torch.empty(M, c.d_model, dtype=self.embedding.dtype, device=ids.device)
         add_rmsnorm(residual, residual, self.norm_f, self.eps, u, has_residual=False)
         return F.linear(u, self.lm_head).float()
@@ -103,6 +107,7 @@ class FastDecoder:
         d = self.config.d_inner
         h = F.embedding(ids, self.embedding)
         M = h.shape[0]
+        launch = self.launch_for.get(M, self.launch)
         residual = torch.empty(M, self.config.d_model, dtype=self.residual_dtype, device=h.device)
         u = torch.empty_like(h)
         xc = torch.empty(M, d, dtype=h.dtype, device=h.device)
@@ -110,18 +115,85 @@ class FastDecoder:
         for i, w in enumerate(self.layers):
             add_rmsnorm(h, residual, w.norm_w, self.eps, u, has_residual=i > 0)
             xz = F.linear(u, w.in_w, w.in_b)                                               # [M, 2d]
-            conv_step(xz[:, :d], conv[i], w.conv_w, w.conv_b, xc, **self.launch["conv"])
+            conv_step(xz[:, :d], conv[i], w.conv_w, w.conv_b, xc, **launch["conv"])
             xdbl = F.linear(xc, w.x_w)                                                     # [M, R + 2N]
-            ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, xz[:, d:], ssm[i], y, **self.launch["ssm"])
+            ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, xz[:, d:], ssm[i], y, **launch["ssm"])
             h = F.linear(y, w.out_w, w.out_b)
         add_rmsnorm(h, residual, self.norm_f, self.eps, u, has_residual=True)
         return F.linear(u, self.lm_head).float()
 
 
+# Candidate launch parameters, the wrappers' defaults first. Each is timed alone on layer 0's weights (cold L2).
+TUNING_CANDIDATES = {
+    "front": [{}, dict(block_n=16, block_k=256), dict(block_n=16, block_k=1024, num_warps=8, num_stages=2),
+              dict(block_n=32, block_k=512, num_warps=8, num_stages=2), dict(block_n=64, block_k=256, num_warps=8),
+              dict(block_n=16, block_k=128, num_stages=4)],
+    "out": [{}, dict(block_k=512, split_k=2), dict(split_k=4), dict(block_n=32, block_k=512, num_warps=8, split_k=4),
+            dict(block_k=2048, num_warps=8, num_stages=2), dict(block_k=1024, num_warps=8, num_stages=2, split_k=2)],
+    "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2), dict(block_d=128, num_warps=8), dict(rows=1),
+            dict(rows=2), dict(block_d=32, rows=8)],
+    "conv": [{}, dict(block_d=128), dict(block_d=512), dict(block_d=1024, )],
+}
+_TUNED: dict[tuple, tuple[dict, dict]] = {}      # (shape signature, batch) → (launch, timings), per process
+
+
+def tune_decoder(decoder: "FastDecoder", batch: int) -> dict[str, dict]:
+    """Pick each kernel's launch parameters for ``batch`` rows by timing the candidates (triton do_bench median)
+    on scratch copies of layer 0's tensors. Results are cached per process by shape."""
+    import triton.testing
+
+    from ..ops import triton_decode as td
+    c, w = decoder.config, decoder.layers[0]
+    key = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank_value, str(w.in_w.dtype), batch,
+           batch <= decoder.small_batch_max)
+    if key in _TUNED:
+        launch, log = _TUNED[key]
+        decoder.launch_for[batch], decoder.tuning_log[batch] = launch, log
+        return launch
+    dev, act = w.in_w.device, w.in_w.dtype
+    M, d = batch, c.d_inner
+    g = torch.Generator(device=dev).manual_seed(0)
+    res = torch.randn(M, c.d_model, device=dev, generator=g).to(decoder.residual_dtype)
+    conv = torch.randn(M, d, c.d_conv, device=dev, generator=g).to(act)
+    ssm = torch.randn(M, d, c.d_state, device=dev, generator=g)
+    xz = torch.randn(M, 2 * d, device=dev, generator=g).to(act)
+    y = torch.randn(M, d, device=dev, generator=g).to(act)
+    xc, z = torch.empty(M, d, device=dev, dtype=act), torch.empty(M, d, device=dev, dtype=act)
+    xdbl = torch.zeros(M, w.x_w.shape[0], device=dev)
+    if batch <= decoder.small_batch_max:
+        kernels = {
+            "front": lambda p: td.norm_in_proj_conv_xproj(res, w.norm_w, decoder.eps, w.in_w, w.in_b, conv, w.conv_w,
+                                                          w.conv_b, w.x_w, xc, z, xdbl, **p),
+            "ssm": lambda p: td.ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm, y, **p),
+            "out": lambda p: td.out_proj_add(y, w.out_w, w.out_b, res, **p)}
+    else:
+        kernels = {
+            "conv": lambda p: td.conv_step(xz[:, :d], conv, w.conv_w, w.conv_b, xc, **p),
+            "ssm": lambda p: td.ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, xz[:, d:], ssm, y, **p)}
+    launch, log = dict(decoder.launch), {}
+    for name, run in kernels.items():
+        timings = []
+        for params in TUNING_CANDIDATES[name]:
+            try:
+                ms = triton.testing.do_bench(lambda: run(params), warmup=5, rep=20, return_mode="median")
+            except Exception as e:  # a candidate that does not compile or launch here is skipped
+                timings.append({"params": params, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                continue
+            timings.append({"params": params, "us": ms * 1e3})
+        ok = [t for t in timings if "us" in t]
+        if ok:
+            launch[name] = dict(min(ok, key=lambda t: t["us"])["params"])
+        log[name] = timings
+    torch.cuda.synchronize()
+    _TUNED[key] = (launch, log)
+    decoder.launch_for[batch], decoder.tuning_log[batch] = launch, log
+    return launch
+
+
 class _GraphedStep:
     """Static buffers + the captured graph of one batch size."""
 
-    def __init__(self, decoder: FastDecoder, batch: int, state: MambaState, use_graph: bool):
+    def __init__(self, decoder: FastDecoder, batch: int, state: MambaState, use_graph: bool, tune: bool = False):
         self.decoder = decoder
         self.state = state                                   # the static state object handed to callers
         self.ids = torch.zeros(batch, dtype=torch.long, device=state.ssm[0].device)
@@ -129,6 +201,8 @@ class _GraphedStep:
         self.logits = None
         if use_graph:
             saved = state.clone()
+            if tune:
+                tune_decoder(decoder, batch)
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):                  # warm-up: Triton compiles, cuBLAS picks kernels
@@ -158,7 +232,8 @@ def copy_state(src: MambaState, dst: MambaState) -> None:
 class FastSession(Session):
     backend = "torch-fast"
 
-    def __init__(self, model: MambaLM, use_graph: bool | None = None, small_batch_max: int = 16):
+    def __init__(self, model: MambaLM, use_graph: bool | None = None, small_batch_max: int = 16,
+                 tune: bool = True, prefill_impl: str = "rows", prefill_scan: str = "triton-rows"):
         if model.device.type != "cuda" and use_graph is not False:
             raise UserError("backend torch-fast needs a CUDA GPU (its decode step is fused Triton kernels in a "
                             "CUDA graph); use --backend torch on the CPU")
@@ -169,6 +244,11 @@ class FastSession(Session):
         self.device = model.device
         self.state_dtype = model.dtype
         self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
+        self.tune = tune and self.use_graph       # time the kernels' launch parameters once per batch size
+        if prefill_impl not in ("rows", "model-layout") or prefill_scan not in ("triton-rows", "rows", "triton"):
+            raise UserError(f"unknown prefill options {prefill_impl!r}/{prefill_scan!r}")
+        self.prefill_impl, self.prefill_scan = prefill_impl, prefill_scan
+        self.scan_launch: dict = {}
         with torch.inference_mode():
             self.decoder = FastDecoder(model, small_batch_max)
         self._steps: dict[int, _GraphedStep] = {}
@@ -178,7 +258,7 @@ class FastSession(Session):
         g = self._steps.get(batch)
         if g is None:
             with torch.inference_mode():
-                g = _GraphedStep(self.decoder, batch, self.new_state(batch), self.use_graph)
+                g = _GraphedStep(self.decoder, batch, self.new_state(batch), self.use_graph, self.tune)
             self._steps[batch] = g
         return g
 
@@ -194,7 +274,10 @@ class FastSession(Session):
         if state is not None:
             self.check_state(state, b)
         g = self._step_for(b)
-        logits = self._prefill(ids, state, g.state)
+        if self.prefill_impl == "model-layout":
+            logits = self._prefill(ids, state, g.state)
+        else:
+            logits = self._prefill_rows(ids, state, g.state)
         return logits, g.state
 
     @torch.inference_mode()
@@ -211,6 +294,66 @@ class FastSession(Session):
         return g.run(ids), g.state
 
     # -- prefill ----------------------------------------------------------------------------------------------
+    def _prefill_rows(self, ids: torch.Tensor, state: MambaState | None, out: MambaState) -> torch.Tensor:
+        """Prefill in the row layout [b·L, channels] the projections produce: no transposes or copies. Fused
+        add+RMSNorm, cuBLAS projections, Triton causal conv over rows, and the selective scan on row views
+        (``prefill_scan``: "triton-rows" = the Triton scan of ops/triton_scan.py given strided views, "rows" =
+        the time-sequential scan of ops/triton_decode.py, "triton" = the public Triton scan on transposed copies)."""
+        from ..ops.triton_decode import add_rmsnorm, conv_rows, scan_rows
+        dec, cfg = self.decoder, self.model.config
+        b, L = ids.shape
+        d, k, N = cfg.d_inner, cfg.d_conv, cfg.d_state
+        rows = b * L
+        h = F.embedding(ids, dec.embedding).view(rows, -1)
+        residual = torch.empty(rows, cfg.d_model, dtype=dec.residual_dtype, device=ids.device)
+        u = torch.empty_like(h)
+        xc = torch.empty(rows, d, dtype=h.dtype, device=ids.device)
+        y = torch.empty_like(xc)
+        zero_conv = None if state is not None else torch.zeros(b, d, k, dtype=h.dtype, device=ids.device)
+        for i, w in enumerate(dec.layers):
+            add_rmsnorm(h, residual, w.norm_w, dec.eps, u, has_residual=i > 0)
+            xz = F.linear(u, w.in_w, w.in_b)                                               # [b·L, 2d]
+            x, z = xz[:, :d], xz[:, d:]
+            conv0 = state.conv[i] if state is not None else zero_conv
+            conv_rows(x, b, conv0, w.conv_w, w.conv_b, xc)
+            # new conv state: the last k inputs of [conv0, x] (read before out.conv[i] is overwritten)
+            tail = x.view(b, L, d)[:, max(0, L - k):].transpose(1, 2)
+            out.conv[i].copy_(torch.cat([conv0[..., L:], tail], dim=-1) if L < k else tail)
+            xdbl = F.linear(xc, w.x_w)                                                     # [b·L, R + 2N]
+            R = xdbl.shape[1] - 2 * N
+            dt = F.linear(xdbl[:, :R], w.dt_w)                                             # [b·L, d]
+            h0 = state.ssm[i] if state is not None else None
+            yr = self._scan_rows(xc, dt, z, xdbl, w, h0, y, out.ssm[i], b, L, R, N)
+            h = F.linear(yr, w.out_w, w.out_b)
+        last = (torch.arange(b, device=ids.device) + 1) * L - 1
+        u_last = torch.empty(b, cfg.d_model, dtype=u.dtype, device=u.device)
+        res_last = residual[last].contiguous()
+        add_rmsnorm(h[last].contiguous(), res_last, dec.norm_f, dec.eps, u_last, has_residual=True)
+        return F.linear(u_last, dec.lm_head).float()
+
+    def _scan_rows(self, xc, dt, z, xdbl, w, h0, y, h_out, b, L, R, N) -> torch.Tensor:
+        """y rows [b·L, d] (``y`` or a tensor the scan allocated); the final state is written into ``h_out``."""
+        from ..ops.triton_decode import scan_rows
+        if self.prefill_scan == "rows":   # each program reads its h0 block before writing it: in place is fine
+            scan_rows(xc, dt, z, xdbl, w.A, w.D, w.dt_b, h0, y, h_out, b, **self.scan_launch)
+            return y
+        d = xc.shape[1]
+
+        def t(v):     # rows [b·L, c] → [b, c, L] view
+            return v.view(b, L, -1).transpose(1, 2)
+        Bm, Cm = t(xdbl)[:, R:R + N], t(xdbl)[:, R + N:]
+        if self.prefill_scan == "triton-rows":
+            from ..ops.triton_scan import _fwd
+            yy, hT, _, _ = _fwd(t(xc), t(dt), w.A, Bm, Cm, w.D, t(z), w.dt_b, True,
+                                None if h0 is None else h0.contiguous(), False)
+        else:
+            from ..ops.selective_scan import selective_scan
+            yy, hT = selective_scan(t(xc), t(dt), w.A, Bm, Cm, D=w.D, z=t(z), delta_bias=w.dt_b,
+                                    delta_softplus=True, initial_state=h0,
+                                    backend=self.model._resolve_backend(xc.device))
+        h_out.copy_(hT)
+        return yy.transpose(1, 2).reshape(b * L, d)   # a view when the scan wrote the row layout (triton-rows)
+
     def _prefill(self, ids: torch.Tensor, state: MambaState | None, out: MambaState) -> torch.Tensor:
         """Layers over the whole prompt; final states written into ``out``; logits of the last position (fp32)."""
         from ..ops.selective_scan import selective_scan
@@ -250,11 +393,11 @@ class FastSession(Session):
 
 
 def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_batch_max: int = 16,
-                      **_) -> FastSession:
+                      tune: bool = True, **_) -> FastSession:
     """``source``: a MambaLM, a checkpoint ref, or an artifact (its manifest names the source checkpoint).
     Default dtype fp16 (the decode kernels are written for half-precision weights; fp32/bf16 work too)."""
     if isinstance(source, MambaLM):
-        return FastSession(source, use_graph=use_graph, small_batch_max=small_batch_max)
+        return FastSession(source, use_graph=use_graph, small_batch_max=small_batch_max, tune=tune)
     from ..checkpoint import load_model
     if is_artifact(source):
         from ..onnx.manifest import read_manifest
@@ -262,4 +405,4 @@ def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_b
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("backend torch-fast needs a CUDA GPU and none is visible; use --backend torch")
     return FastSession(load_model(source, dtype=dtype or torch.float16, device=device), use_graph=use_graph,
-                       small_batch_max=small_batch_max)
+                       small_batch_max=small_batch_max, tune=tune)
