@@ -74,8 +74,8 @@ def ceilings() -> dict:
     return {"hbm_copy_bytes_per_s": bw, "fp16_matmul_flops": 2 * 8192**3 / (ms / 1e3)}
 
 
-def decode_profile(model, batch: int, small_max: int, launch=None) -> dict:
-    sess = FastSession(model, small_batch_max=small_max)
+def decode_profile(model, batch: int, small_max: int, tune: bool = True, launch=None) -> dict:
+    sess = FastSession(model, small_batch_max=small_max, tune=tune)
     if launch:
         for k, v in launch.items():
             sess.decoder.launch[k] = dict(v)
@@ -91,11 +91,16 @@ def decode_profile(model, batch: int, small_max: int, launch=None) -> dict:
 
     for _ in range(20):
         session_step()
-    out = {"batch": batch, "path": "small" if batch <= small_max else "general",
+    out = {"batch": batch, "path": "small" if batch <= small_max else "general", "tuned": tune,
+           "launch": sess.decoder.launch_for.get(batch, sess.decoder.launch),
            "session_step_ms": events_ms(session_step, 100)}
     g = sess._steps[batch]
     out["graph_replay_ms"] = events_ms(g.graph.replay, 100)
-    eager = lambda: sess.decoder.step(g.ids, g.state.conv, g.state.ssm)   # noqa: E731
+
+    def eager():
+        with torch.inference_mode():
+            sess.decoder.step(g.ids, g.state.conv, g.state.ssm)
+
     out["eager_step_ms"] = events_ms(eager, 10, reps=3)
     rows = kernel_table(eager)
     out["kernels"] = rows
@@ -104,63 +109,57 @@ def decode_profile(model, batch: int, small_max: int, launch=None) -> dict:
         out["graph_kernels"] = kernel_table(g.graph.replay)[:20]
     except Exception as e:  # profiling graph replays needs CUPTI graph support
         out["graph_kernels_error"] = str(e)[:200]
+    out["tuning_log"] = sess.decoder.tuning_log.get(batch)
     del sess
     torch.cuda.empty_cache()
     return out
 
 
-def sweep_small_kernels(model, M: int) -> dict:
-    """Each small-path kernel alone at the 370m shape, cold L2 (do_bench clears it), median µs per config."""
+def unfused_kernels(model, M: int) -> dict:
+    """cuBLAS projections and the general path's Triton kernels alone (cold L2), µs."""
     c = model.config
     layer = model.backbone.layers[0]
     m = layer.mixer
     d, dm = c.d_inner, c.d_model
     res = torch.randn(M, dm, device=dev)
+    u = torch.randn(M, dm, device=dev, dtype=torch.float16)
     conv = torch.randn(M, d, c.d_conv, device=dev, dtype=torch.float16)
     cw = m.conv1d.weight[:, 0, :].contiguous()
     xc = torch.empty(M, d, device=dev, dtype=torch.float16)
-    z = torch.empty_like(xc)
-    XD = m.x_proj.weight.shape[0]
-    xdbl = torch.zeros(M, XD, device=dev)
     y = torch.randn(M, d, device=dev, dtype=torch.float16)
-    ss = torch.randn(M, d, c.d_state, device=dev)
-    A = m.A().contiguous()
-    dtw, dtb, D = m.dt_proj.weight.contiguous(), m.dt_proj.bias.float(), m.D.float()
     bench = lambda f: triton.testing.do_bench(f, warmup=25, rep=200, return_mode="median") * 1e3  # noqa: E731
-    out = {"M": M, "front": [], "out": [], "ssm": []}
-    for bn, bk, nw, ns in [(32, 128, 4, 3), (16, 128, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3), (64, 128, 4, 3),
-                           (32, 64, 4, 4), (32, 128, 8, 3), (16, 64, 2, 4), (32, 128, 4, 5)]:
-        f = lambda: td.norm_in_proj_conv_xproj(res, layer.norm.weight, 1e-5, m.in_proj.weight, None, conv, cw,  # noqa
-                                               m.conv1d.bias, m.x_proj.weight, xc, z, xdbl, block_n=bn,
-                                               block_k=bk, num_warps=nw, num_stages=ns)
-        out["front"].append({"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns, "us": bench(f)})
-    for bn, bk, nw, ns in [(16, 256, 4, 3), (16, 128, 4, 3), (16, 512, 4, 3), (32, 256, 4, 3), (16, 256, 8, 3),
-                           (16, 128, 2, 4), (16, 256, 4, 5)]:
-        f = lambda: td.out_proj_add(y, m.out_proj.weight, None, res, block_n=bn, block_k=bk, num_warps=nw,  # noqa
-                                    num_stages=ns)
-        out["out"].append({"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns, "us": bench(f)})
-    for bd, rows, nw in [(64, None, 4), (32, None, 4), (128, None, 4), (64, 1, 4), (64, 2, 4), (64, 8, 4),
-                         (32, 1, 2), (128, 4, 8)]:
-        f = lambda: td.ssm_step(xdbl, dtw, dtb, A, D, xc, z, ss, y, block_d=bd, rows=rows, num_warps=nw)  # noqa
-        out["ssm"].append({"block_d": bd, "rows": rows, "num_warps": nw, "us": bench(f)})
-    ref = {"in_proj_cublas": lambda: torch.nn.functional.linear(xc[:, :dm], m.in_proj.weight),
-           "out_proj_cublas": lambda: torch.nn.functional.linear(y, m.out_proj.weight),
-           "x_proj_cublas": lambda: torch.nn.functional.linear(y, m.x_proj.weight),
+    F = torch.nn.functional
+    ref = {"in_proj_cublas": lambda: F.linear(u, m.in_proj.weight),
+           "out_proj_cublas": lambda: F.linear(y, m.out_proj.weight),
+           "x_proj_cublas": lambda: F.linear(y, m.x_proj.weight),
+           "lm_head_cublas": lambda: F.linear(u, model.lm_head.weight),
            "conv_step": lambda: td.conv_step(y, conv, cw, m.conv1d.bias, xc),
-           "add_rmsnorm": lambda: td.add_rmsnorm(y[:, :dm], res, layer.norm.weight, 1e-5, xc[:, :dm])}
-    out["unfused_us"] = {k: bench(f) for k, f in ref.items()}
-    return out
+           "add_rmsnorm": lambda: td.add_rmsnorm(u, res, layer.norm.weight, 1e-5, torch.empty_like(u))}
+    return {k: bench(f) for k, f in ref.items()}
 
 
-def prefill_profile(model, batch: int, L: int) -> dict:
-    sess = FastSession(model)
+def prefill_profile(model, batch: int, L: int, impl: str, scan: str, scan_launch=None, ops=False) -> dict:
+    sess = FastSession(model, prefill_impl=impl, prefill_scan=scan)
+    sess.scan_launch = dict(scan_launch or {})
     ids = torch.randint(0, model.config.vocab_size, (batch, L), device=dev)
     sess.prefill(ids)
-    out = {"batch": batch, "prompt_len": L, "ms": events_ms(lambda: sess.prefill(ids), 1, reps=5)}
-    out["ops"] = kernel_table(lambda: sess.prefill(ids), steps=1)[:15]
+    out = {"batch": batch, "prompt_len": L, "impl": impl, "scan": scan, "scan_launch": scan_launch,
+           "ms": events_ms(lambda: sess.prefill(ids), 1, reps=5)}
+    if ops:
+        out["ops"] = kernel_table(lambda: sess.prefill(ids), steps=1)[:15]
     del sess
     torch.cuda.empty_cache()
     return out
+
+
+def section(report, name, fn):
+    try:
+        return fn()
+    except Exception as e:
+        import traceback
+        traceback.print_exc()
+        report.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"[:500]
+        return None
 
 
 def main():
@@ -175,43 +174,60 @@ def main():
     print(f"HBM copy {bw / 1e12:.2f} TB/s; fp16 matmul {report['ceilings']['fp16_matmul_flops'] / 1e12:.0f} TFLOP/s")
     model = random_model(config_for_size(args.size), dtype=torch.float16, device="cuda")
     wb = weight_bytes(model)
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(report, f, indent=1)
+
     report["decode"] = []
-    for batch, small in [(1, 16), (1, 0), (8, 16), (8, 0), (16, 16), (64, 0)]:
-        r = decode_profile(model, batch, small)
+    for batch, small, tune in [(1, 16, False), (1, 16, True), (1, 0, True), (8, 16, True), (8, 0, True),
+                               (64, 0, True), (64, 64, True)]:
+        r = section(report, f"decode{batch}-{small}-{tune}", lambda: decode_profile(model, batch, small, tune))
+        if r is None:
+            continue
         r["floor_ms"] = decode_floor_bytes(model.config, batch, wb, 2) / bw * 1e3
         report["decode"].append(r)
-        print(f"decode batch {batch:3d} {r['path']:8s}: session step {r['session_step_ms']:.4f} ms, graph "
-              f"{r['graph_replay_ms']:.4f} ms, Σ kernels {r['kernel_sum_ms']:.4f} ms, eager {r['eager_step_ms']:.3f}"
-              f" ms, floor {r['floor_ms']:.4f} ms")
-        print_table(r["kernels"], 8)
+        print(f"decode batch {batch:3d} {r['path']:8s} tuned={tune}: session step {r['session_step_ms']:.4f} ms, "
+              f"graph {r['graph_replay_ms']:.4f} ms, sum kernels {r['kernel_sum_ms']:.4f} ms, eager "
+              f"{r['eager_step_ms']:.3f} ms, floor {r['floor_ms']:.4f} ms; launch {r['launch']}")
+        print_table(r["kernels"], 9)
         if r.get("graph_kernels"):
             print("   graph replay, per kernel:")
             print_table(r["graph_kernels"], 6)
-    report["sweeps"] = []
-    for M in (1, 8):
-        s = sweep_small_kernels(model, M)
-        report["sweeps"].append(s)
-        for k in ("front", "out", "ssm"):
-            best = min(s[k], key=lambda r: r["us"])
-            print(f"sweep M={M} {k:5s}: best {best}   (first/default {s[k][0]['us']:.1f} us)")
-        print(f"sweep M={M} unfused kernels (us): " + ", ".join(f"{k} {v:.1f}" for k, v in s["unfused_us"].items()))
-    # the best launch parameters measured above, applied to the whole graph
-    tuned = {k: {kk: vv for kk, vv in min(report["sweeps"][0][k], key=lambda r: r["us"]).items() if kk != "us"}
-             for k in ("front", "out")}
-    r = decode_profile(model, 1, 16, launch=tuned)
-    report["decode_tuned_b1"] = {"launch": tuned, "graph_replay_ms": r["graph_replay_ms"],
-                                 "session_step_ms": r["session_step_ms"]}
-    print(f"decode batch 1 with tuned {tuned}: graph {r['graph_replay_ms']:.4f} ms, session "
-          f"{r['session_step_ms']:.4f} ms")
+        if r.get("tuning_log"):
+            for k, timings in r["tuning_log"].items():
+                print(f"   tune {k}: " + "; ".join(f"{t['params']} {t.get('us', float('nan')):.1f}us"
+                                                   if "us" in t else f"{t['params']} ERR" for t in timings))
+        save()
+    for M in (1, 8, 64):
+        u = section(report, f"unfused{M}", lambda: unfused_kernels(model, M))
+        if u:
+            report[f"unfused_us_M{M}"] = u
+            print(f"unfused kernels M={M} (us, cold L2): " + ", ".join(f"{k} {v:.1f}" for k, v in u.items()))
+    save()
     report["prefill"] = []
-    for batch in (1, 8):
-        p = prefill_profile(model, batch, 2048)
-        report["prefill"].append(p)
-        print(f"prefill batch {batch} x 2048: {p['ms']:.2f} ms")
-        print_table(p["ops"], 12)
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(report, f, indent=1)
+    variants = [("rows", "triton-rows", None), ("rows", "triton", None), ("model-layout", "triton", None),
+                ("rows", "rows", dict(block_d=32)), ("rows", "rows", dict(block_d=16, num_warps=1)),
+                ("rows", "rows", dict(block_d=64, num_warps=2))]
+    for batch in (8, 1):
+        for impl, scan, sl in (variants if batch == 8 else variants[:3]):
+            p = section(report, f"prefill{batch}-{impl}-{scan}-{sl}",
+                        lambda: prefill_profile(model, batch, 2048, impl, scan, sl))
+            if p:
+                report["prefill"].append(p)
+                print(f"prefill batch {batch} x 2048 {impl}/{scan} {sl or ''}: {p['ms']:.2f} ms")
+        save()
+    best = min((p for p in report["prefill"] if p["batch"] == 8), key=lambda p: p["ms"], default=None)
+    if best:
+        p = section(report, "prefill-ops", lambda: prefill_profile(model, 8, 2048, best["impl"], best["scan"],
+                                                                   best["scan_launch"], ops=True))
+        if p:
+            report["prefill_best_ops"] = p
+            print(f"prefill batch 8 best {best['impl']}/{best['scan']} {best['scan_launch']}: {p['ms']:.2f} ms")
+            print_table(p["ops"], 12)
+    save()
+    print("errors:", report.get("errors"))
 
 
 if __name__ == "__main__":
