@@ -63,9 +63,9 @@ def _softplus(x):
 
 
 @triton.jit
-def _load_delta(delta_ptr, bias, offs, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """δ = softplus(δ_raw + bias) in fp32, and δ_raw + bias (for the backward); 0 where masked."""
-    raw = tl.load(delta_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _delta_from_raw(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """δ = softplus(δ_raw + bias) in fp32 (0 where masked), and δ_raw + bias (for the backward)."""
+    raw = raw.to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias
     if SOFTPLUS:
@@ -87,7 +87,7 @@ _NO_SPEC = ["Dm", "L", "N", "n_chunks", "s_ub", "s_ud", "s_db", "s_dd", "s_zb", 
             "s_gd", "s_Ad", "s_Bb", "s_Bn", "s_Cb", "s_Cn"]   # one compiled variant per tile/dtype, whatever L
 
 
-@triton.jit(do_not_specialize=[a for a in _NO_SPEC if a not in ("s_gb", "s_gd")])
+@triton.jit(do_not_specialize=[] if _interpreting() else [a for a in _NO_SPEC if a not in ("s_gb", "s_gd")])
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, hT_ptr, hs_ptr,
@@ -127,28 +127,50 @@ def _scan_fwd_kernel(
     else:
         h = tl.zeros([NS, DS, DLW, NL], dtype=tl.float32)
 
+    # software pipelining by hand: chunk c+1's loads are in flight while chunk c is computed
+    m_d = d_ok & (t3 < L)
+    m_n = (n3 < N) & (t3 < L)
+    nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + t3 * s_dl, mask=m_d, other=0.0)
+    nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + t3 * s_ul, mask=m_d, other=0.0)
+    nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + t3 * s_Bl, mask=m_n, other=0.0)
+    nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + t3 * s_Cl, mask=m_n, other=0.0)
+    if HAS_Z:
+        nx_z = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + t3 * s_zl, mask=m_d, other=0.0)
     for c in range(0, n_chunks):
+        raw_in, u_in, B_in, C_in = nx_raw, nx_u, nx_B, nx_C
+        if HAS_Z:
+            z_in = nx_z
+        tn = (c + 1) * T + t3
+        mn_d = d_ok & (tn < L)
+        mn_n = (n3 < N) & (tn < L)
+        nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=mn_d, other=0.0)
+        nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=mn_d, other=0.0)
+        nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=mn_n, other=0.0)
+        nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=mn_n, other=0.0)
+        if HAS_Z:
+            nx_z = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + tn * s_zl, mask=mn_d, other=0.0)
+
         if SAVE_STATES:
             tl.store(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d4 * N + n4, h, mask=dn_ok)
         t = c * T + t3
         m_d = d_ok & (t < L)                                          # [T, DS, DLW]
-        m_n = (n3 < N) & (t < L)                                      # [T, NS, NL]
-        dt, _ = _load_delta(delta_ptr + pid_b * s_db, bias, d3 * s_dd + t * s_dl, m_d, HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + t * s_ul, mask=m_d, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + t * s_Bl, mask=m_n, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + t * s_Cl, mask=m_n, other=0.0).to(tl.float32)
+        dt, _ = _delta_from_raw(raw_in, bias, m_d, HAS_BIAS, SOFTPLUS)
+        u = u_in.to(tl.float32)
+        Bt = B_in.to(tl.float32)
+        Ct = C_in.to(tl.float32)
 
         a = tl.exp2(dt[:, None, :, :, None] * A2)                     # Ā_t          [T, NS, DS, DLW, NL]
         b = (dt * u)[:, None, :, :, None] * Bt[:, :, None, None, :]   # B̄_t u_t
         b = tl.where(ti == 0, a * h[None] + b, b)                     # fold in the state entering the chunk
         _, hh = tl.associative_scan((a, b), 0, _affine_combine)       # h_t, t in chunk
-        y = tl.sum(tl.sum(hh * Ct[:, :, None, None, :], axis=4), axis=1)           # ⟨h_t, C_t⟩  [T, DS, DLW]
+        # Σ_n: the in-thread axis NS first, then the NL lanes (the other order costs a layout conversion)
+        y = tl.sum(tl.sum(hh * Ct[:, :, None, None, :], axis=1), axis=3)           # ⟨h_t, C_t⟩  [T, DS, DLW]
         h = tl.sum(tl.where(ti == T - 1, hh, 0.0), axis=0)
 
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            zv = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + t * s_zl, mask=m_d, other=0.0).to(tl.float32)
+            zv = z_in.to(tl.float32)
             y = y * zv * tl.sigmoid(zv)
         tl.store(out_ptr + pid_b * s_ob + d3 * s_od + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m_d)
 
@@ -157,7 +179,7 @@ def _scan_fwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- backward kernel
 
-@triton.jit(do_not_specialize=[a for a in _NO_SPEC if a not in ("s_ob", "s_od")])
+@triton.jit(do_not_specialize=[] if _interpreting() else [a for a in _NO_SPEC if a not in ("s_ob", "s_od")])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, dout_ptr, dhT_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
@@ -199,26 +221,56 @@ def _scan_bwd_kernel(
     dD_acc = tl.zeros([T, DS, DLW], dtype=tl.float32)
     dbias_acc = tl.zeros([T, DS, DLW], dtype=tl.float32)
 
+    # chunks in reverse; chunk c−1's loads are in flight while chunk c is computed
+    c = n_chunks - 1
+    tn = c * T + t3
+    m_d = d_ok & (tn < L)
+    m_n = (n3 < N) & (tn < L)
+    m_x = d_ok & (tn + 1 < L) & (t3 < T - 1)
+    nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=m_d, other=0.0)
+    nx_rawx = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + (tn + 1) * s_dl, mask=m_x, other=0.0)
+    nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=m_d, other=0.0)
+    nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=m_n, other=0.0)
+    nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=m_n, other=0.0)
+    nx_g = tl.load(dout_ptr + pid_b * s_gb + d3 * s_gd + tn * s_gl, mask=m_d, other=0.0)
+    nx_h = tl.load(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d4 * N + n4, mask=dn_ok, other=0.0)
+    if HAS_Z:
+        nx_z = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + tn * s_zl, mask=m_d, other=0.0)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
+        raw_in, rawx_in, u_in, B_in, C_in, g_in, h_start = nx_raw, nx_rawx, nx_u, nx_B, nx_C, nx_g, nx_h
+        if HAS_Z:
+            z_in = nx_z
+        cp = c - 1                                                    # the next chunk to load (none when c = 0)
+        tn = cp * T + t3
+        mn_d = d_ok & (tn < L) & (tn >= 0)
+        mn_n = (n3 < N) & (tn < L) & (tn >= 0)
+        mn_x = d_ok & (tn + 1 < L) & (t3 < T - 1) & (tn >= 0)
+        nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=mn_d, other=0.0)
+        nx_rawx = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + (tn + 1) * s_dl, mask=mn_x, other=0.0)
+        nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=mn_d, other=0.0)
+        nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=mn_n, other=0.0)
+        nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=mn_n, other=0.0)
+        nx_g = tl.load(dout_ptr + pid_b * s_gb + d3 * s_gd + tn * s_gl, mask=mn_d, other=0.0)
+        nx_h = tl.load(hs_ptr + (pid_b * n_chunks + cp) * Dm * N + d4 * N + n4, mask=dn_ok & (d4 * 0 + cp >= 0), other=0.0)
+        if HAS_Z:
+            nx_z = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + tn * s_zl, mask=mn_d, other=0.0)
+
         t = c * T + t3
         m_d = d_ok & (t < L)
         m_n = (n3 < N) & (t < L)
         io_offs = d3 * s_ud + t * s_ul
-        dt, draw = _load_delta(delta_ptr + pid_b * s_db, bias, d3 * s_dd + t * s_dl, m_d, HAS_BIAS, SOFTPLUS)
+        dt, draw = _delta_from_raw(raw_in, bias, m_d, HAS_BIAS, SOFTPLUS)
         # δ one step ahead inside the chunk (0 at the chunk's last step: the carry stands for what follows)
-        m_next = d_ok & (t + 1 < L) & (t3 < T - 1)
-        dt_next, _ = _load_delta(delta_ptr + pid_b * s_db, bias, d3 * s_dd + (t + 1) * s_dl, m_next,
-                                 HAS_BIAS, SOFTPLUS)
-        u = tl.load(u_ptr + pid_b * s_ub + io_offs, mask=m_d, other=0.0).to(tl.float32)
-        Bt = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + t * s_Bl, mask=m_n, other=0.0).to(tl.float32)
-        Ct = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + t * s_Cl, mask=m_n, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + pid_b * s_gb + d3 * s_gd + t * s_gl, mask=m_d, other=0.0).to(tl.float32)
+        dt_next, _ = _delta_from_raw(rawx_in, bias, d_ok & (t + 1 < L) & (t3 < T - 1), HAS_BIAS, SOFTPLUS)
+        u = u_in.to(tl.float32)
+        Bt = B_in.to(tl.float32)
+        Ct = C_in.to(tl.float32)
+        dout = g_in.to(tl.float32)
         B5 = Bt[:, :, None, None, :]
         C5 = Ct[:, :, None, None, :]
 
         # recompute the chunk's states from its saved start state
-        h_start = tl.load(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d4 * N + n4, mask=dn_ok, other=0.0)
         a = tl.exp2(dt[:, None, :, :, None] * A2)
         dtu = dt * u
         b = dtu[:, None, :, :, None] * B5
@@ -227,9 +279,9 @@ def _scan_bwd_kernel(
 
         # undo the output gate: dy = ∂ℓ/∂y (pre-gate), dz
         if HAS_Z:
-            zv = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + t * s_zl, mask=m_d, other=0.0).to(tl.float32)
+            zv = z_in.to(tl.float32)
             sz = tl.sigmoid(zv)
-            y = tl.sum(tl.sum(hh * C5, axis=4), axis=1)
+            y = tl.sum(tl.sum(hh * C5, axis=1), axis=3)
             if HAS_D:
                 y += Dv * u
             dz = dout * y * sz * (1.0 + zv * (1.0 - sz))
@@ -246,8 +298,8 @@ def _scan_bwd_kernel(
         carry = tl.sum(tl.where(ti == 0, a * g, 0.0), axis=0)        # ∂ℓ/∂h_{t0−1}
 
         hb = hh - b                                                   # a_t h_{t−1}
-        gB = tl.sum(tl.sum(g * B5, axis=4), axis=1)                   # Σ_n g B         [T, DS, DLW]
-        gAhb = tl.sum(tl.sum(g * hb * A, axis=4), axis=1)             # Σ_n g A a h
+        gB = tl.sum(tl.sum(g * B5, axis=1), axis=3)                   # Σ_n g B         [T, DS, DLW]
+        gAhb = tl.sum(tl.sum(g * hb * A, axis=1), axis=3)             # Σ_n g A a h
         dA_acc += tl.sum(dt[:, None, :, :, None] * g * hb, axis=0)
         ddt = u * gB + gAhb
         du = dt * gB
@@ -265,8 +317,8 @@ def _scan_bwd_kernel(
         tl.store(ddelta_ptr + pid_b * s_ub + io_offs, ddraw.to(ddelta_ptr.dtype.element_ty), mask=m_d)
 
         # channel sums for ∂B, ∂C: within the program, then across channel blocks by atomics
-        dBc = tl.sum(tl.sum(g * dtu[:, None, :, :, None], axis=3), axis=2)      # [T, NS, NL]
-        dCc = tl.sum(tl.sum(hh * dy[:, None, :, :, None], axis=3), axis=2)
+        dBc = tl.sum(tl.sum(g * dtu[:, None, :, :, None], axis=2), axis=2)      # [T, NS, NL]
+        dCc = tl.sum(tl.sum(hh * dy[:, None, :, :, None], axis=2), axis=2)
         bc_offs = pid_b * N * L + n3 * L + t
         tl.atomic_add(dB_ptr + bc_offs, dBc, mask=m_n, sem="relaxed")
         tl.atomic_add(dC_ptr + bc_offs, dCc, mask=m_n, sem="relaxed")
@@ -307,7 +359,7 @@ def default_configs(N: int) -> tuple[ScanConfig, ScanConfig]:
     """(forward, backward) tiles; both use the same T (the backward restarts from the states saved per chunk)."""
     if _interpreting():
         return ScanConfig(8, 2, 1, 1), ScanConfig(8, 2, 1, 1)
-    return ScanConfig(8, 4, 1, 4), ScanConfig(8, 4, 1, 4)
+    return ScanConfig(8, 4, 1, 2), ScanConfig(8, 4, 1, 2)
 
 
 _CONFIG_OVERRIDE: dict[str, ScanConfig] = {}
