@@ -110,38 +110,44 @@ def resolve_device(requested: str, dist: Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def choose_scan_backend(requested: str, device: torch.device, log) -> str:
-    """``auto``: on CUDA, the Triton scan if it imports and agrees with the chunked scan (values and gradients) on
-    a small problem; otherwise the chunked torch scan. Explicit names are taken as given."""
+def triton_scan_agrees(device: torch.device, precision: str) -> tuple[bool, str]:
+    """One training step of a tiny model with the Triton scan vs the chunked scan, under this run's autocast:
+    (agree, why not). Loss and every gradient within 1e-3 (fp32) or 5e-2 (bf16) of the largest entry."""
+    from ..config import MambaConfig
+    model = random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=16), seed=0, device=device)
+    ids = torch.randint(0, 16, (3, 97), generator=torch.Generator().manual_seed(0)).to(device)
+    results = []
+    for backend in ("chunked", "triton"):
+        model.scan_backend = backend
+        model.zero_grad(set_to_none=True)
+        with (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()):
+            logits, _ = model(ids)
+        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), ids.roll(-1, 1).reshape(-1))
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.detach().clone() for p in model.parameters()])
+    tol = 5e-2 if precision == "bf16" else 1e-3
+    for ref, got in zip(*results):
+        err = (got.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-6)
+        if not err <= tol:
+            return False, f"error {err:.3g} of the largest entry in a {precision} training step"
+    return True, ""
+
+
+def choose_scan_backend(requested: str, device: torch.device, precision: str, log) -> str:
+    """``auto``: on CUDA, the Triton scan if it imports and agrees with the chunked scan in a training step
+    (:func:`triton_scan_agrees`); otherwise the chunked torch scan. Explicit names are taken as given."""
     if requested != "auto":
         return requested
     if device.type != "cuda":
         return "chunked"
     try:
-        from ..ops.selective_scan import selective_scan
-        g = torch.Generator(device="cpu").manual_seed(0)
-        b, d, L, N = 2, 16, 97, 8
-        args = dict(u=torch.randn(b, d, L, generator=g), delta=torch.randn(b, d, L, generator=g) - 1,
-                    A=-torch.rand(d, N, generator=g) - 0.5, B=torch.randn(b, N, L, generator=g),
-                    C=torch.randn(b, N, L, generator=g), D=torch.randn(d, generator=g),
-                    z=torch.randn(b, d, L, generator=g), delta_bias=torch.randn(d, generator=g) * 0.1)
-        results = []
-        for backend in ("chunked", "triton"):
-            inputs = {k: v.to(device).requires_grad_(True) for k, v in args.items()}
-            y, h = selective_scan(**inputs, delta_softplus=True, backend=backend)
-            (y.square().sum() + h.sum()).backward()
-            results.append([y.detach(), h.detach()] + [inputs[k].grad for k in ("u", "delta", "A", "B", "C")])
-        for ref, got in zip(*results):
-            err = (got.float() - ref.float()).abs().max().item() / max(ref.float().abs().max().item(), 1e-6)
-            if not err <= 1e-3:  # relative to the largest entry; fp32 on both sides
-                log(f"triton scan disagrees with the chunked scan (max error {err:.3g} of the largest entry); "
-                    "using 'chunked'")
-                return "chunked"
-        return "triton"
+        ok, why = triton_scan_agrees(device, precision)
     except Exception as e:  # not there yet, or broken: training must still run
-        log(f"triton scan unavailable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-            "using 'chunked'")
+        ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    if not ok:
+        log(f"triton scan not used ({why}); using 'chunked'")
         return "chunked"
+    return "triton"
 
 
 def list_checkpoints(out: Path) -> list[Path]:
@@ -174,11 +180,10 @@ class Trainer:
         self.task = make_task(cfg.data)
         self.vocab = self.task.vocab_size
         self.model_config = cfg.model_config(self.vocab)
-        self.scan_backend = choose_scan_backend(t.scan_backend, self.device, self.log)
+        self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        self.scan_backend = choose_scan_backend(t.scan_backend, self.device, self.precision, self.log)
         self.model: MambaLM = random_model(self.model_config, seed=t.seed, device=self.device,
                                            scan_backend=self.scan_backend)
-        precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.precision = precision
         o = cfg.optimizer
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = torch.optim.AdamW(param_groups(self.model, o.weight_decay), lr=o.lr,
@@ -347,8 +352,8 @@ class Trainer:
             self.tokens_seen += tokens_per_step
             window_steps += 1
             bar.update(1)
-            log_now = self.step % t.log_every == 0 or self.step == t.max_steps
             eval_now = self.step % cfg.eval.every == 0 or self.step == t.max_steps
+            log_now = self.step % t.log_every == 0 or eval_now  # (a stop happens only at these steps)
 
             if log_now:
                 mean_loss = self.dist.mean(loss_acc / window_steps).item()
