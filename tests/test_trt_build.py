@@ -207,3 +207,70 @@ def test_missing_nvcc_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "Path", lambda p: tmp_path / "none" / str(p).lstrip("/"))
     with pytest.raises(UserError, match="nvcc .* was not found"):
         kernels.find_nvcc()
+
+
+# ---- the TensorRT session's buffer logic, with a stand-in engine ---------------------------------------------------
+class _ModelEngine:
+    """Stands in for a TensorRT engine (which cannot run here): fills the bound output tensors from the PyTorch
+    model, reading the bound inputs, exactly as an engine would through set_tensor_address."""
+
+    def __init__(self, model, graph, max_len):
+        self.model, self.graph, self.max_len, self.calls = model, graph, max_len, []
+
+    def max_dim(self, name, axis):
+        return self.max_len if axis == 1 else 4
+
+    def run(self, inputs, outputs, stream):
+        from mamba_deploy.model import MambaState
+        n = self.model.config.n_layer
+        state = MambaState([inputs[f"conv_state.{i}"].clone() for i in range(n)],
+                           [inputs[f"ssm_state.{i}"].clone() for i in range(n)])
+        ids = inputs["input_ids"]
+        self.calls.append(tuple(ids.shape))
+        for name, t in inputs.items():  # an engine's outputs must never alias its inputs
+            assert all(t.data_ptr() != o.data_ptr() for o in outputs.values()), name
+        if self.graph == "step":
+            logits, new = self.model.step(ids, state)
+        else:
+            logits, new = self.model(ids, state)
+            logits = logits[:, -1]
+        outputs["logits"].copy_(logits)
+        for i in range(n):
+            outputs[f"conv_state_out.{i}"].copy_(new.conv[i])
+            outputs[f"ssm_state_out.{i}"].copy_(new.ssm[i])
+
+
+def test_trt_session_ping_pong_and_chunked_prefill_match_torch(tiny_checkpoint):
+    import torch
+
+    from mamba_deploy.checkpoint import load_model
+    from mamba_deploy.runtime.torch_session import TorchSession
+    from mamba_deploy.runtime.trt_session import TensorRTSession
+
+    model = load_model(tiny_checkpoint(n_layer=N_LAYER))
+    ref = TorchSession(model)
+    sess = object.__new__(TensorRTSession)  # no GPU/TensorRT here: wire the stand-in engines in by hand
+    sess.n_layer, sess.d_inner, sess.d_conv, sess.d_state = ref.n_layer, ref.d_inner, ref.d_conv, ref.d_state
+    sess.vocab_size, sess.state_dtype, sess.device = ref.vocab_size, ref.state_dtype, torch.device("cpu")
+    sess.engines = {"step": _ModelEngine(model, "step", 1), "prefill": _ModelEngine(model, "prefill", 4)}
+    sess.all_logits, sess.max_batch, sess.cuda_graph, sess._pools, sess._graphs = False, 4, False, {}, {}
+
+    ids = torch.randint(0, ref.vocab_size, (2, 10))
+    start = sess.new_state(2)
+    logits, state = sess.prefill(ids, start)
+    assert sess.engines["prefill"].calls == [(2, 4), (2, 4), (2, 2)]  # 10 tokens in chunks of the profile max 4
+    assert all(float(s.abs().sum()) == 0 for s in start.ssm)  # the caller's state is never written
+    want, want_state = ref.prefill(ids)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+    seen = set()
+    for t in range(5):
+        tok = torch.randint(0, ref.vocab_size, (2,))
+        logits, state = sess.step(tok, state)
+        want, want_state = ref.step(tok, want_state)
+        torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+        seen.add(state.ssm[0].data_ptr())
+    assert len(seen) == 2  # two buffer sets, ping-ponged
+    for a, b in zip(state.ssm, want_state.ssm):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(UserError, match="--max-batch 5"):
+        sess.step(torch.zeros(5, dtype=torch.long), sess.new_state(5))

@@ -129,7 +129,7 @@ class TensorRTSession(Session):
                             f"`mamba-deploy build --max-batch {batch}`")
 
     def _stream(self) -> int:
-        return torch.cuda.current_stream(self.device).cuda_stream
+        return torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else 0
 
     # -- the session API -----------------------------------------------------------------------------------------
     @torch.inference_mode()
