@@ -45,6 +45,8 @@ class BenchRow:
     ratio_to_floor: float | None = None
     prefill_samples_ms: list[float] = dataclasses.field(default_factory=list)
     decode_samples_ms: list[float] = dataclasses.field(default_factory=list)
+    backend_info: dict | None = None        # e.g. torch-fast: decode path chosen and the timings behind it
+    notes: str | None = None
     error: str | None = None
 
 
@@ -139,8 +141,10 @@ def _peak_memory_end(device: torch.device, backend: str, baseline) -> tuple[int 
 
 
 def bench_session(session, backend: str, batch: int, prompt_len: int, gen_len: int, device: torch.device,
-                  reps: int = 5, warmup: int = 1, seed: int = 0) -> BenchRow:
-    """Times ``session.prefill`` and ``session.step`` for one batch size."""
+                  reps: int = 5, warmup: int = 1, seed: int = 0, budget_s: float | None = None) -> BenchRow:
+    """Times ``session.prefill`` and ``session.step`` for one batch size. ``budget_s`` bounds the time spent:
+    when the first (untimed) call shows that ``reps`` repetitions would not fit in half of it, fewer are taken
+    (at least one; the samples lists say how many)."""
     row = BenchRow(backend, batch, prompt_len, gen_len)
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(1, session.vocab_size, (batch, prompt_len), generator=g)
@@ -148,21 +152,37 @@ def bench_session(session, backend: str, batch: int, prompt_len: int, gen_len: i
     if device.type == "cuda":
         prompt, tokens = prompt.to(device), tokens.to(device)
     baseline = _peak_memory_start(device, backend)
-    # prefill
-    for _ in range(warmup):
-        session.prefill(prompt)
-    for _ in range(reps):
-        with Timer(device) as t:
+
+    def fit(first_ms: float) -> int:
+        if not budget_s:
+            return reps
+        return max(1, min(reps, int(budget_s * 1e3 / 2 / max(first_ms, 1e-3))))
+
+    # prefill (the first call is a warm-up: compilation, graph capture, allocator; its state seeds the decode)
+    with Timer(device) as t:
+        _, state = session.prefill(prompt)
+    start_state = state.clone()
+    first_ms = t.ms
+    if budget_s and first_ms > budget_s * 1e3 / 2:
+        row.prefill_samples_ms.append(first_ms)       # too slow to repeat: the warm-up call is the one sample
+        row.notes = "prefill: a single call, warm-up included (over half the budget)"
+    else:
+        for _ in range(warmup - 1):
             session.prefill(prompt)
-        row.prefill_samples_ms.append(t.ms)
+        for _ in range(fit(first_ms)):
+            with Timer(device) as t:
+                session.prefill(prompt)
+            row.prefill_samples_ms.append(t.ms)
     row.prefill_ms = statistics.median(row.prefill_samples_ms)
     row.prefill_tokens_per_s = batch * prompt_len / (row.prefill_ms / 1e3)
-    # decode: gen_len steps per repetition, the returned state passed back each step
-    _, state = session.prefill(prompt)
-    for i in range(max(warmup, 1) * min(gen_len, 8)):
-        _, state = session.step(tokens[i % gen_len], state)
-    for _ in range(reps):
-        _, state = session.prefill(prompt)
+    # decode: gen_len steps per repetition from the state after the prompt, the returned state passed back
+    state = start_state.clone()
+    n_warm = max(warmup, 1) * min(gen_len, 8)
+    with Timer(device) as t:
+        for i in range(n_warm):
+            _, state = session.step(tokens[i % gen_len], state)
+    for _ in range(fit(t.ms / n_warm * gen_len)):
+        state = start_state.clone()
         with Timer(device) as t:
             for i in range(gen_len):
                 _, state = session.step(tokens[i], state)
@@ -170,6 +190,8 @@ def bench_session(session, backend: str, batch: int, prompt_len: int, gen_len: i
     row.decode_ms_per_step = statistics.median(row.decode_samples_ms)
     row.decode_tokens_per_s = batch / (row.decode_ms_per_step / 1e3)
     row.peak_memory_bytes, row.memory_kind = _peak_memory_end(device, backend, baseline)
+    if hasattr(session, "decode_info"):
+        row.backend_info = session.decode_info(batch)
     return row
 
 
@@ -257,14 +279,15 @@ def environment(device: torch.device) -> dict:
 
 def run_bench(source: BenchSource, backends: list[str], batches: list[int], prompt_len: int, gen_len: int,
               device: torch.device, dtype: torch.dtype, reps: int = 5, warmup: int = 1, seed: int = 0,
-              ort_options: dict | None = None, progress: Callable[[Iterable], Iterable] = lambda x: x) -> dict:
+              ort_options: dict | None = None, progress: Callable[[Iterable], Iterable] = lambda x: x,
+              budget_s: float | None = None) -> dict:
     """Every backend × batch; returns the JSON-ready report (rows keep going when one combination fails)."""
     cfg = model_config(source)
     act_bytes = torch.empty((), dtype=dtype).element_size()
     report = {"environment": environment(device), "model": {"source": source.label, "config": cfg.to_dict(),
               "dtype": str(dtype).replace("torch.", "")},
               "settings": {"backends": backends, "batches": batches, "prompt_len": prompt_len, "gen_len": gen_len,
-                           "reps": reps, "warmup": warmup, "seed": seed}, "rows": []}
+                           "reps": reps, "warmup": warmup, "seed": seed, "budget_s": budget_s}, "rows": []}
     if source.model is not None:
         wb = weight_bytes(source.model)
     else:
@@ -289,7 +312,8 @@ def run_bench(source: BenchSource, backends: list[str], batches: list[int], prom
                 continue
             for b in progress(batches):
                 try:
-                    row = bench_session(session, backend, b, prompt_len, gen_len, device, reps, warmup, seed)
+                    row = bench_session(session, backend, b, prompt_len, gen_len, device, reps, warmup, seed,
+                                        budget_s)
                 except torch.cuda.OutOfMemoryError as e:
                     row = BenchRow(backend, b, prompt_len, gen_len, error=f"out of memory: {str(e)[:200]}")
                 except UserError:

@@ -10,7 +10,9 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_bench_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-tests,profile,bench}
+STAGES=${STAGES:-tests,bench,profile}
+PROFILE_ARGS=${PROFILE_ARGS:-}          # e.g. --quick
+BUDGET_S=${BUDGET_S:-40}                # seconds per backend x batch (fewer repetitions when slow)
 BACKENDS=${BACKENDS:-torch-fast,torch}
 BATCHES=${BATCHES:-1,8,64}
 export PYTHONUNBUFFERED=1
@@ -31,12 +33,12 @@ has() { case ",$STAGES," in *",$1,"*) return 0;; *) return 1;; esac; }
 if has tests; then
   echo "== tests"; python3 -m pytest -q -rs -s tests/test_fast_session_gpu.py 2>&1 | tee "$OUT/tests.log" | grep -E "batch|passed|failed|Error|error|assert" | tail -30
 fi
-if has profile; then
-  echo "== profile"; python3 scripts/profile_decode.py --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
-fi
 if has bench; then
   echo "== bench"
   python3 -c 'from mamba_deploy.cli import main; main()' bench --random 370m --backend "$BACKENDS" --batch "$BATCHES" \
-    --prompt-len 2048 --gen-len 128 --reps 5 --dtype fp16 --json "$OUT/bench.json" --plot "$OUT/bench.png" \
-    2>&1 | tr '\r' '\n' | grep -v "batches:" | tee "$OUT/bench.log"
+    --prompt-len 2048 --gen-len 128 --reps 5 --budget-s "$BUDGET_S" --dtype fp16 --json "$OUT/bench.json" \
+    --plot "$OUT/bench.png" 2>&1 | tr '\r' '\n' | grep -v "batches:" | tee "$OUT/bench.log"
+fi
+if has profile; then
+  echo "== profile"; python3 scripts/profile_decode.py $PROFILE_ARGS --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
 fi

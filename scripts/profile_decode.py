@@ -91,10 +91,10 @@ def decode_profile(model, batch: int, small_max: int, tune: bool = True, launch=
 
     for _ in range(20):
         session_step()
-    out = {"batch": batch, "path": "small" if batch <= small_max else "general", "tuned": tune,
-           "launch": sess.decoder.launch_for.get(batch, sess.decoder.launch),
-           "session_step_ms": events_ms(session_step, 100)}
     g = sess._steps[batch]
+    out = {"batch": batch, "path": sess.decoder.path(batch), "tuned": tune, "selection": g.selection,
+           "launch": sess.decoder.launch_for.get((batch, sess.decoder.path(batch)), sess.decoder.launch),
+           "session_step_ms": events_ms(session_step, 100)}
     out["graph_replay_ms"] = events_ms(g.graph.replay, 100)
 
     def eager():
@@ -109,7 +109,7 @@ def decode_profile(model, batch: int, small_max: int, tune: bool = True, launch=
         out["graph_kernels"] = kernel_table(g.graph.replay)[:20]
     except Exception as e:  # profiling graph replays needs CUPTI graph support
         out["graph_kernels_error"] = str(e)[:200]
-    out["tuning_log"] = sess.decoder.tuning_log.get(batch)
+    out["tuning_log"] = sess.decoder.tuning_log.get((batch, out["path"]))
     del sess
     torch.cuda.empty_cache()
     return out
@@ -166,6 +166,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", default="370m")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true",
+                    help="only the chosen decode path at batch 1 and 64 and the prefill's top operators")
     args = ap.parse_args()
     torch.manual_seed(0)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
@@ -181,8 +183,10 @@ def main():
                 json.dump(report, f, indent=1)
 
     report["decode"] = []
-    for batch, small, tune in [(1, 16, False), (1, 16, True), (1, 0, True), (8, 16, True), (8, 0, True),
-                               (64, 0, True), (64, 64, True)]:
+    cases = [(1, 16, False), (1, 16, True), (1, 0, True), (8, 16, True), (8, 0, True), (64, 0, True), (64, 64, True)]
+    if args.quick:
+        cases = [(1, 16, True), (64, 16, True)]
+    for batch, small, tune in cases:
         r = section(report, f"decode{batch}-{small}-{tune}", lambda: decode_profile(model, batch, small, tune))
         if r is None:
             continue
@@ -190,7 +194,8 @@ def main():
         report["decode"].append(r)
         print(f"decode batch {batch:3d} {r['path']:8s} tuned={tune}: session step {r['session_step_ms']:.4f} ms, "
               f"graph {r['graph_replay_ms']:.4f} ms, sum kernels {r['kernel_sum_ms']:.4f} ms, eager "
-              f"{r['eager_step_ms']:.3f} ms, floor {r['floor_ms']:.4f} ms; launch {r['launch']}")
+              f"{r['eager_step_ms']:.3f} ms, floor {r['floor_ms']:.4f} ms; launch {r['launch']}; selection "
+              f"{r['selection']}")
         print_table(r["kernels"], 9)
         if r.get("graph_kernels"):
             print("   graph replay, per kernel:")
@@ -200,7 +205,7 @@ def main():
                 print(f"   tune {k}: " + "; ".join(f"{t['params']} {t.get('us', float('nan')):.1f}us"
                                                    if "us" in t else f"{t['params']} ERR" for t in timings))
         save()
-    for M in (1, 8, 64):
+    for M in (() if args.quick else (1, 8, 64)):
         u = section(report, f"unfused{M}", lambda: unfused_kernels(model, M))
         if u:
             report[f"unfused_us_M{M}"] = u
@@ -211,7 +216,7 @@ def main():
                 ("rows", "rows", dict(block_d=32)), ("rows", "rows", dict(block_d=16, num_warps=1)),
                 ("rows", "rows", dict(block_d=64, num_warps=2))]
     for batch in (8, 1):
-        for impl, scan, sl in (variants if batch == 8 else variants[:3]):
+        for impl, scan, sl in (variants[:1] if args.quick else variants if batch == 8 else variants[:3]):
             p = section(report, f"prefill{batch}-{impl}-{scan}-{sl}",
                         lambda: prefill_profile(model, batch, 2048, impl, scan, sl))
             if p:

@@ -104,3 +104,10 @@ def test_bench_user_errors(args, message):
     assert result.exit_code == 2, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+def test_engine_budget_cuts_repetitions():
+    """A budget that half the first call's time already fills leaves one timed repetition per phase."""
+    row = bench_session(_SleepySession(), "fake", batch=1, prompt_len=4, gen_len=4, device=torch.device("cpu"),
+                        reps=5, warmup=1, budget_s=0.005)
+    assert len(row.prefill_samples_ms) == 1 and len(row.decode_samples_ms) == 1

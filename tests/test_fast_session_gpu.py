@@ -63,7 +63,14 @@ INTERP_SCRIPT = textwrap.dedent("""
     td.norm_in_proj_conv_xproj(r, g, 1e-5, inw, None, st3, cw, cb, xw, xc, z, acc)
     rxc, rz, racc, rst = td.norm_in_proj_conv_xproj_ref(r, g, 1e-5, inw, None, st, cw, cb, xw)
     worst["norm_in_proj_conv_xproj"] = max(rel(xc, rxc), rel(z, rz), rel(acc, racc), rel(st3, rst))
+    xc, z, acc, st3 = (torch.full((M, d), float("nan")), torch.full((M, d), float("nan")),
+                       torch.zeros(M, R + 2 * N), st.clone())
+    td.gemv_front(r, g, 1e-5, inw, None, st3, cw, cb, xw, xc, z, acc)
+    worst["gemv_front"] = max(rel(xc, rxc), rel(z, rz), rel(acc, racc), rel(st3, rst))
     yy, ow, ob, r0 = torch.randn(M, d), 0.1 * torch.randn(dm, d), torch.randn(dm), torch.randn(M, dm)
+    r4 = r0.clone()
+    td.gemv_out(yy, ow, ob, r4)
+    worst["gemv_out"] = rel(r4, td.out_proj_add_ref(yy, ow, ob, r0))
     r1 = r0.clone()
     td.out_proj_add(yy, ow, ob, r1)
     worst["out_proj_add"] = rel(r1, td.out_proj_add_ref(yy, ow, ob, r0))
@@ -84,7 +91,7 @@ INTERP_SCRIPT = textwrap.dedent("""
     worst["scan_rows"] = max(rel(yo, yref), rel(ho, href))
     model = random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=96, d_state=8), seed=3)
     ref = TorchSession(model)
-    variants = [dict(small_batch_max=16), dict(small_batch_max=0, prefill_scan="triton-rows"),
+    variants = [dict(small_batch_max=16), dict(decode_path="gemv"), dict(small_batch_max=0),
                 dict(prefill_impl="model-layout", prefill_scan="triton")]
     for kw in variants:                                # both decode paths, the prefill variants
         fast = FastSession(model, use_graph=False, **{"prefill_scan": "rows", **kw})
@@ -169,6 +176,14 @@ def test_kernels_match_references_fp16(M):
         r3 = r0.clone()
         td.out_proj_add(yy, ow, None, r3, split_k=4)
         assert rel(r3, td.out_proj_add_ref(yy, ow, None, r0)) < 2e-3
+    if M <= 8:
+        xc4, z4 = (torch.full((M, d), float("nan"), device=dev, dtype=f16) for _ in range(2))
+        acc4, st4 = torch.zeros(M, R + 2 * N, device=dev), st.clone()
+        td.gemv_front(r, g, 1e-5, inw, None, st4, cw, cb, xw, xc4, z4, acc4)
+        assert rel(xc4, rxc) < 5e-3 and rel(z4, rz) < 5e-3 and rel(acc4, racc) < 5e-3 and rel(st4, rst) < 5e-3
+        r5 = r0.clone()
+        td.gemv_out(yy, ow, None, r5)
+        assert rel(r5, td.out_proj_add_ref(yy, ow, None, r0)) < 2e-3
     torch.cuda.synchronize()
 
 
@@ -185,12 +200,14 @@ def models_370m():
 
 
 @needs_cuda
-@pytest.mark.parametrize("batch, steps", [(1, 512), (8, 512), (32, 128)])   # 32: the general (6-launch) path
-def test_fast_session_matches_reference_over_512_steps(models_370m, batch, steps):
+@pytest.mark.parametrize("batch, steps, path", [(1, 512, "auto"), (8, 512, "auto"), (32, 128, "auto"),
+                                               (4, 128, "gemv"), (4, 128, "small"), (4, 128, "general")])
+def test_fast_session_matches_reference_over_512_steps(models_370m, batch, steps, path):
+    """512 steps at batch 1 and 8 on the path the session picks; shorter rollouts pin each path."""
     from mamba_deploy.runtime.fast_session import FastSession
     from mamba_deploy.runtime.torch_session import TorchSession
     m32, m16 = models_370m
-    truth, ref, fast = TorchSession(m32), TorchSession(m16), FastSession(m16)
+    truth, ref, fast = TorchSession(m32), TorchSession(m16), FastSession(m16, decode_path=path)
     g = torch.Generator().manual_seed(100 + batch)
     vocab = m16.config.vocab_size
     prompt = torch.randint(0, vocab, (batch, 24), generator=g).cuda()
@@ -210,7 +227,7 @@ def test_fast_session_matches_reference_over_512_steps(models_370m, batch, steps
     mean_fast, mean_ref = sum(err_fast) / len(err_fast), sum(err_ref) / len(err_ref)
     state_err = max(rel(a, b) for a, b in zip(sf.ssm, st.ssm))
     state_ref = max(rel(a, b) for a, b in zip(sr.ssm, st.ssm))
-    print(f"batch {batch}: mean rel err vs fp32 fast {mean_fast:.2e} ref {mean_ref:.2e}; max fast-vs-ref "
+    print(f"batch {batch} path {fast.decode_info(batch)}: mean rel err vs fp32 fast {mean_fast:.2e} ref {mean_ref:.2e}; max fast-vs-ref "
           f"{max(dist):.2e}; final SSM state rel err fast {state_err:.2e} ref {state_ref:.2e}")
     assert mean_fast <= 1.5 * mean_ref + 1e-3, (mean_fast, mean_ref)
     assert max(dist) < 5e-2, max(dist)
@@ -226,6 +243,7 @@ def test_graph_replay_equals_eager_fast_step(models_370m):
     ids = torch.randint(0, m16.config.vocab_size, (4, 16), device="cuda")
     _, sg = graphed.prefill(ids)
     eager.decoder.launch_for = graphed.decoder.launch_for          # the launch parameters the tuner chose
+    eager.decoder.path_for = graphed.decoder.path_for              # and the decode path the timing chose
     _, se = eager.prefill(ids)
     for t in range(8):
         nid = torch.randint(0, m16.config.vocab_size, (4,), device="cuda")

@@ -39,13 +39,16 @@ def _int_list(ctx, param, value):
               help="Timed repetitions (medians are reported).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed repetitions.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights and token ids.")
+@click.option("--budget-s", type=click.FloatRange(min=0), default=None,
+              help="Seconds one backend x batch may take, roughly: fewer repetitions (at least one) when the "
+                   "first call shows that --reps would not fit.")
 @click.option("--ort-tf32/--no-ort-tf32", default=False, show_default=True,
               help="Let onnxruntime's CUDA provider use TF32 matrix math.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a bar chart of decode ms/step (PNG/SVG/PDF by extension).")
 def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen_len, dtype, device, reps, warmup,
-            seed, ort_tf32, json_path, plot_path):
+            seed, budget_s, ort_tf32, json_path, plot_path):
     """Time prefill (ms, tokens/s) and decode (ms/step, tokens/s) of each backend at each batch size, with peak
     device memory; on a GPU also the decode floor (weight bytes + state traffic over the HBM bandwidth measured
     in the same run) and the ratio to it.
@@ -90,7 +93,7 @@ def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen
                f"{gen_len} decode steps, {reps} reps", err=True)
     report = run_bench(source, names, batches, prompt_len, gen_len, dev, torch_dtype, reps=reps, warmup=warmup,
                        seed=seed, ort_options=ort_options,
-                       progress=lambda it: tqdm(it, desc="batches", leave=False, unit="batch"))
+                       progress=lambda it: tqdm(it, desc="batches", leave=False, unit="batch"), budget_s=budget_s)
     click.echo(format_table(report))
     if json_path:
         click.echo(f"wrote {write_json(report, json_path)}", err=True)

@@ -374,7 +374,8 @@ def _conv_rows_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, L, d_inner, strid
 
 
 def conv_rows(x: torch.Tensor, batch: int, conv_state: torch.Tensor, weight: torch.Tensor,
-              bias: torch.Tensor | None, out: torch.Tensor, block_t: int = 64, block_d: int = 64) -> None:
+              bias: torch.Tensor | None, out: torch.Tensor, block_t: int = 64, block_d: int = 64,
+              num_warps: int = 4) -> None:
     """Causal depthwise conv + SiLU over a prompt. x [b·L, d] rows (strided view allowed); conv_state [b, d, K]
     (the K inputs before the prompt; read only); out [b·L, d] rows."""
     rows, d = x.shape
@@ -384,7 +385,7 @@ def conv_rows(x: torch.Tensor, batch: int, conv_state: torch.Tensor, weight: tor
     grid = (triton.cdiv(L, block_t), triton.cdiv(d, block_d), batch)
     _conv_rows_kernel[grid](x, conv_state, weight, bias if bias is not None else weight, out, L, d, x.stride(0),
                             conv_state.stride(0), conv_state.stride(1), out.stride(0), HAS_BIAS=bias is not None,
-                            KCONV=K, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=4)
+                            KCONV=K, BLOCK_T=block_t, BLOCK_D=block_d, num_warps=num_warps)
 
 
 def conv_rows_ref(x, batch, conv_state, weight, bias):
@@ -485,3 +486,101 @@ def scan_rows_ref(x, dt, z, xdbl, A, D, dt_bias, h0, batch):
     y, h = selective_scan_ref(t(x), t(dt), A, Bm, Cm, D=D.float(), z=t(z), delta_bias=dt_bias.float(),
                               delta_softplus=True, initial_state=h0)
     return y.transpose(1, 2).reshape(rows, d), h
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GEMV path (batch ≤ 8): the same three launches per layer as the small-batch path, written as matrix-vector
+# products on CUDA cores. Each program loads its whole [BLOCK_N, K] weight slice at once (every load in flight
+# before the first use), then reuses it for the M ≤ 8 rows (unrolled).
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _gemv_front_kernel(res_ptr, g_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr, conv_ptr, wx_ptr, xc_ptr, z_ptr, xdbl_ptr,
+                       d_inner, XD, eps, stride_r, stride_cb, stride_cd, stride_xc, stride_z, stride_xdbl,
+                       M: tl.constexpr, K: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_CONV_BIAS: tl.constexpr,
+                       KCONV: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_X: tl.constexpr):
+    pid = tl.program_id(0)
+    ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    ks = tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    w = tl.load(w_ptr + ns[:, None] * K + ks[None, :], mask=kmask[None, :], other=0.0)     # [BLOCK_N, BLOCK_K]
+    g = tl.load(g_ptr + ks, mask=kmask, other=0.0).to(tl.float32)
+    is_x = pid * BLOCK_N < d_inner
+    js = tl.arange(0, BLOCK_X)
+    jmask = js < tl.where(is_x, XD, 0)                                  # z-half programs load no W_x
+    wx = tl.load(wx_ptr + js[:, None] * d_inner + ns[None, :], mask=jmask[:, None] & (ns[None, :] >= 0),
+                 other=0.0)                                             # W_x[:, block]  [BLOCK_X, BLOCK_N]
+    for m in tl.static_range(M):
+        r = tl.load(res_ptr + m * stride_r + ks, mask=kmask, other=0.0).to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(r * r, axis=0) / K + eps)
+        u = (r * rstd * g).to(w_ptr.dtype.element_ty).to(tl.float32)    # RMSNorm output, activation dtype
+        acc = tl.sum(w.to(tl.float32) * u[None, :], axis=1)              # [BLOCK_N]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + ns).to(tl.float32)
+        xz = acc.to(xc_ptr.dtype.element_ty)
+        if is_x:
+            cs = conv_ptr + m * stride_cb + ns * stride_cd
+            cacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for j in tl.static_range(KCONV):
+                if j < KCONV - 1:
+                    s = tl.load(cs + (j + 1))
+                else:
+                    s = xz.to(conv_ptr.dtype.element_ty)
+                tl.store(cs + j, s)
+                cacc += s.to(tl.float32) * tl.load(cw_ptr + ns * KCONV + j).to(tl.float32)
+            if HAS_CONV_BIAS:
+                cacc += tl.load(cb_ptr + ns).to(tl.float32)
+            xc = (cacc * tl.sigmoid(cacc)).to(xc_ptr.dtype.element_ty)
+            tl.store(xc_ptr + m * stride_xc + ns, xc)
+            part = tl.sum(wx.to(tl.float32) * xc.to(tl.float32)[None, :], axis=1)   # x_proj partial [BLOCK_X]
+            tl.atomic_add(xdbl_ptr + m * stride_xdbl + js, part, mask=jmask)
+        else:
+            tl.store(z_ptr + m * stride_z + (ns - d_inner), xz)
+
+
+def gemv_front(residual, norm_w, eps, in_w, in_b, conv_state, conv_w, conv_b, x_w, xc, z, xdbl,
+               block_n: int = 8, num_warps: int = 4) -> None:
+    """Same contract as :func:`norm_in_proj_conv_xproj` (reference: ``norm_in_proj_conv_xproj_ref``); M ≤ 8."""
+    M, Kdim = residual.shape
+    d = conv_w.shape[0]
+    XD = x_w.shape[0]
+    assert M <= 8 and d % block_n == 0 and in_w.is_contiguous() and x_w.is_contiguous()
+    assert conv_state.stride(2) == 1 and conv_state.stride(1) == conv_w.shape[1] and conv_w.is_contiguous()
+    assert xdbl.dtype == torch.float32 and xdbl.stride(1) == 1 and xc.stride(1) == 1 and z.stride(1) == 1
+    _gemv_front_kernel[(2 * d // block_n,)](
+        residual, norm_w, in_w, in_b if in_b is not None else in_w, conv_w, conv_b if conv_b is not None else conv_w,
+        conv_state, x_w, xc, z, xdbl, d, XD, eps,
+        residual.stride(0), conv_state.stride(0), conv_state.stride(1), xc.stride(0), z.stride(0), xdbl.stride(0),
+        M=M, K=Kdim, HAS_BIAS=in_b is not None, HAS_CONV_BIAS=conv_b is not None, KCONV=conv_w.shape[1],
+        BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(Kdim), BLOCK_X=max(16, triton.next_power_of_2(XD)),
+        num_warps=num_warps)
+
+
+@triton.jit
+def _gemv_out_kernel(y_ptr, w_ptr, b_ptr, res_ptr, Nout, stride_y, stride_r, M: tl.constexpr, K: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    ns = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    nmask = ns < Nout
+    ks = tl.arange(0, BLOCK_K)
+    kmask = ks < K
+    w = tl.load(w_ptr + ns[:, None] * K + ks[None, :], mask=nmask[:, None] & kmask[None, :], other=0.0)
+    for m in tl.static_range(M):
+        yv = tl.load(y_ptr + m * stride_y + ks, mask=kmask, other=0.0).to(tl.float32)
+        acc = tl.sum(w.to(tl.float32) * yv[None, :], axis=1)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + ns, mask=nmask, other=0.0).to(tl.float32)
+        h = acc.to(y_ptr.dtype.element_ty).to(tl.float32)               # out_proj output, activation dtype
+        rp = res_ptr + m * stride_r + ns
+        r = tl.load(rp, mask=nmask, other=0.0).to(tl.float32) + h
+        tl.store(rp, r.to(res_ptr.dtype.element_ty), mask=nmask)
+
+
+def gemv_out(y, out_w, out_b, residual, block_n: int = 8, num_warps: int = 8) -> None:
+    """Same contract as :func:`out_proj_add` (reference: ``out_proj_add_ref``); M ≤ 8."""
+    M, K = y.shape
+    Nout = out_w.shape[0]
+    assert M <= 8 and out_w.is_contiguous() and y.stride(1) == 1 and residual.stride(1) == 1
+    _gemv_out_kernel[(triton.cdiv(Nout, block_n),)](
+        y, out_w, out_b if out_b is not None else out_w, residual, Nout, y.stride(0), residual.stride(0),
+        M=M, K=K, HAS_BIAS=out_b is not None, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(K),
+        num_warps=num_warps)

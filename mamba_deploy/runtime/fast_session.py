@@ -58,8 +58,9 @@ class FastDecoder:
         # launch parameters of the kernels (block sizes, warps): ``launch`` for every batch size unless
         # ``tune(batch)`` measured better ones for that size (``launch_for[batch]``, timings in ``tuning_log``)
         self.launch: dict[str, dict] = {"front": {}, "ssm": {}, "out": {}, "conv": {}}
-        self.launch_for: dict[int, dict[str, dict]] = {}
-        self.tuning_log: dict[int, dict] = {}
+        self.launch_for: dict[tuple[int, str], dict[str, dict]] = {}   # (batch, path) → launch parameters
+        self.tuning_log: dict[tuple[int, str], dict] = {}
+        self.path_for: dict[int, str] = {}                  # batch → decode path chosen by timing (FastSession)
         self.embedding = model.backbone.embedding.weight
         self.norm_f = model.backbone.norm_f.weight
         self.lm_head = model.lm_head.weight
@@ -72,30 +73,46 @@ class FastDecoder:
                 x_w=m.x_proj.weight.contiguous(), dt_w=m.dt_proj.weight.contiguous(), dt_b=m.dt_proj.bias.float(),
                 A=m.A().contiguous(), D=m.D.float(), out_w=m.out_proj.weight.contiguous(), out_b=m.out_proj.bias))
 
+    def paths(self, batch: int) -> list[str]:
+        """Decode paths that can run ``batch`` rows, the default first."""
+        out = []
+        if batch <= self.small_batch_max:
+            out.append("small")
+            if batch <= 8:
+                out.append("gemv")
+        return out + ["general"]
+
+    def path(self, batch: int) -> str:
+        return self.path_for.get(batch) or self.paths(batch)[0]
+
     def step(self, ids: torch.Tensor, conv: list[torch.Tensor], ssm: list[torch.Tensor]) -> torch.Tensor:
         """ids [M] → logits [M, V] fp32; conv/ssm states updated in place."""
-        if ids.shape[0] <= self.small_batch_max:
-            return self.step_small(ids, conv, ssm)
-        return self.step_general(ids, conv, ssm)
+        path = self.path(ids.shape[0])
+        if path == "general":
+            return self.step_general(ids, conv, ssm)
+        return self.step_small(ids, conv, ssm, gemv=path == "gemv")
 
-    def step_small(self, ids, conv, ssm) -> torch.Tensor:
-        """Three launches per layer (norm+in_proj+conv+x_proj, SSM step, out_proj+residual); M ≤ 64."""
-        from ..ops.triton_decode import add_rmsnorm, norm_in_proj_conv_xproj, out_proj_add, ssm_step
+    def step_small(self, ids, conv, ssm, gemv: bool = False) -> torch.Tensor:
+        """Three launches per layer (norm+in_proj+conv+x_proj, SSM step, out_proj+residual); M ≤ 64 with tl.dot
+        tiles ("small"), M ≤ 8 as matrix-vector products ("gemv")."""
+        from ..ops.triton_decode import (add_rmsnorm, gemv_front, gemv_out, norm_in_proj_conv_xproj, out_proj_add,
+                                         ssm_step)
+        front, out_add = (gemv_front, gemv_out) if gemv else (norm_in_proj_conv_xproj, out_proj_add)
         c = self.config
         d = c.d_inner
         residual = F.embedding(ids, self.embedding).to(self.residual_dtype)
         M = residual.shape[0]
-        launch = self.launch_for.get(M, self.launch)
+        launch = self.launch_for.get((M, "gemv" if gemv else "small"), self.launch)
         xd = self.layers[0].x_w.shape[0]
         xdbl = torch.zeros(c.n_layer, M, xd, dtype=torch.float32, device=ids.device)     # x_proj accumulators
         xc = torch.empty(M, d, dtype=self.embedding.dtype, device=ids.device)
         z = torch.empty_like(xc)
         y = torch.empty_like(xc)
         for i, w in enumerate(self.layers):
-            norm_in_proj_conv_xproj(residual, w.norm_w, self.eps, w.in_w, w.in_b, conv[i], w.conv_w, w.conv_b,
-                                    w.x_w, xc, z, xdbl[i], **launch["front"])
+            front(residual, w.norm_w, self.eps, w.in_w, w.in_b, conv[i], w.conv_w, w.conv_b, w.x_w, xc, z, xdbl[i],
+                  **launch["front"])
             ssm_step(xdbl[i], w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm[i], y, **launch["ssm"])
-            out_proj_add(y, w.out_w, w.out_b, residual, **launch["out"])
+            out_add(y, w.out_w, w.out_b, residual, **launch["out"])
         u = torch.empty(M, c.d_model, dtype=self.embedding.dtype, device=ids.device)
         add_rmsnorm(residual, residual, self.norm_f, self.eps, u, has_residual=False)
         return F.linear(u, self.lm_head).float()
@@ -107,7 +124,7 @@ class FastDecoder:
         d = self.config.d_inner
         h = F.embedding(ids, self.embedding)
         M = h.shape[0]
-        launch = self.launch_for.get(M, self.launch)
+        launch = self.launch_for.get((M, "general"), self.launch)
         residual = torch.empty(M, self.config.d_model, dtype=self.residual_dtype, device=h.device)
         u = torch.empty_like(h)
         xc = torch.empty(M, d, dtype=h.dtype, device=h.device)
@@ -123,96 +140,154 @@ class FastDecoder:
         return F.linear(u, self.lm_head).float()
 
 
-# Candidate launch parameters, the wrappers' defaults first. Each is timed alone on layer 0's weights (cold L2).
+# Candidate launch parameters per path, the wrappers' defaults first (pruned with the H100 sweep of
+# /work/notes/decode_notes.md). Each is timed alone on layer 0's weights (triton do_bench median, cold L2).
 TUNING_CANDIDATES = {
-    "front": [{}, dict(block_n=16, block_k=256), dict(block_n=16, block_k=1024, num_warps=8, num_stages=2),
-              dict(block_n=32, block_k=512, num_warps=8, num_stages=2), dict(block_n=64, block_k=256, num_warps=8),
-              dict(block_n=16, block_k=128, num_stages=4)],
-    "out": [{}, dict(block_k=512, split_k=2), dict(split_k=4), dict(block_n=32, block_k=512, num_warps=8, split_k=4),
-            dict(block_k=2048, num_warps=8, num_stages=2), dict(block_k=1024, num_warps=8, num_stages=2, split_k=2)],
-    "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2), dict(block_d=128, num_warps=8), dict(rows=1),
-            dict(rows=2), dict(block_d=32, rows=8)],
-    "conv": [{}, dict(block_d=128), dict(block_d=512), dict(block_d=1024, )],
+    "small": {"front": [{}, dict(block_n=16, block_k=256)], "out": [{}],
+              "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
+    "gemv": {"front": [{}, dict(block_n=4), dict(block_n=16), dict(num_warps=8)],
+             "out": [{}, dict(block_n=4), dict(block_n=16), dict(num_warps=4)],
+             "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
+    "general": {"conv": [{}, dict(block_d=1024)], "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
 }
-_TUNED: dict[tuple, tuple[dict, dict]] = {}      # (shape signature, batch) → (launch, timings), per process
+_TUNED: dict[tuple, tuple[dict, dict]] = {}      # (shape signature, batch, path) → (launch, timings), per process
 
 
-def tune_decoder(decoder: "FastDecoder", batch: int) -> dict[str, dict]:
-    """Pick each kernel's launch parameters for ``batch`` rows by timing the candidates (triton do_bench median)
-    on scratch copies of layer 0's tensors. Results are cached per process by shape."""
+def tune_decoder(decoder: "FastDecoder", batch: int, path: str) -> dict[str, dict]:
+    """Pick each kernel's launch parameters for ``batch`` rows on ``path`` by timing the candidates on scratch
+    copies of layer 0's tensors. Results are cached per process by shape."""
     import triton.testing
 
     from ..ops import triton_decode as td
     c, w = decoder.config, decoder.layers[0]
-    key = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank_value, str(w.in_w.dtype), batch,
-           batch <= decoder.small_batch_max)
-    if key in _TUNED:
-        launch, log = _TUNED[key]
-        decoder.launch_for[batch], decoder.tuning_log[batch] = launch, log
-        return launch
-    dev, act = w.in_w.device, w.in_w.dtype
-    M, d = batch, c.d_inner
-    g = torch.Generator(device=dev).manual_seed(0)
-    res = torch.randn(M, c.d_model, device=dev, generator=g).to(decoder.residual_dtype)
-    conv = torch.randn(M, d, c.d_conv, device=dev, generator=g).to(act)
-    ssm = torch.randn(M, d, c.d_state, device=dev, generator=g)
-    xz = torch.randn(M, 2 * d, device=dev, generator=g).to(act)
-    y = torch.randn(M, d, device=dev, generator=g).to(act)
-    xc, z = torch.empty(M, d, device=dev, dtype=act), torch.empty(M, d, device=dev, dtype=act)
-    xdbl = torch.zeros(M, w.x_w.shape[0], device=dev)
-    if batch <= decoder.small_batch_max:
+    key = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank_value, str(w.in_w.dtype), batch, path)
+    if key not in _TUNED:
+        dev, act = w.in_w.device, w.in_w.dtype
+        M, d = batch, c.d_inner
+        g = torch.Generator(device=dev).manual_seed(0)
+        res = torch.randn(M, c.d_model, device=dev, generator=g).to(decoder.residual_dtype)
+        conv = torch.randn(M, d, c.d_conv, device=dev, generator=g).to(act)
+        ssm = torch.randn(M, d, c.d_state, device=dev, generator=g)
+        xz = torch.randn(M, 2 * d, device=dev, generator=g).to(act)
+        y = torch.randn(M, d, device=dev, generator=g).to(act)
+        xc, z = torch.empty(M, d, device=dev, dtype=act), torch.empty(M, d, device=dev, dtype=act)
+        xdbl = torch.zeros(M, w.x_w.shape[0], device=dev)
+        front = td.gemv_front if path == "gemv" else td.norm_in_proj_conv_xproj
+        out_add = td.gemv_out if path == "gemv" else td.out_proj_add
         kernels = {
-            "front": lambda p: td.norm_in_proj_conv_xproj(res, w.norm_w, decoder.eps, w.in_w, w.in_b, conv, w.conv_w,
-                                                          w.conv_b, w.x_w, xc, z, xdbl, **p),
-            "ssm": lambda p: td.ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm, y, **p),
-            "out": lambda p: td.out_proj_add(y, w.out_w, w.out_b, res, **p)}
-    else:
-        kernels = {
+            "front": lambda p: front(res, w.norm_w, decoder.eps, w.in_w, w.in_b, conv, w.conv_w, w.conv_b, w.x_w,
+                                     xc, z, xdbl, **p),
+            "out": lambda p: out_add(y, w.out_w, w.out_b, res, **p),
             "conv": lambda p: td.conv_step(xz[:, :d], conv, w.conv_w, w.conv_b, xc, **p),
-            "ssm": lambda p: td.ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, xz[:, d:], ssm, y, **p)}
-    launch, log = dict(decoder.launch), {}
-    for name, run in kernels.items():
-        timings = []
-        for params in TUNING_CANDIDATES[name]:
-            try:
-                ms = triton.testing.do_bench(lambda: run(params), warmup=5, rep=20, return_mode="median")
-            except Exception as e:  # a candidate that does not compile or launch here is skipped
-                timings.append({"params": params, "error": f"{type(e).__name__}: {str(e)[:120]}"})
-                continue
-            timings.append({"params": params, "us": ms * 1e3})
-        ok = [t for t in timings if "us" in t]
-        if ok:
-            launch[name] = dict(min(ok, key=lambda t: t["us"])["params"])
-        log[name] = timings
-    torch.cuda.synchronize()
-    _TUNED[key] = (launch, log)
-    decoder.launch_for[batch], decoder.tuning_log[batch] = launch, log
+            "ssm": lambda p: td.ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm, y, **p)}
+        launch, log = dict(decoder.launch), {}
+        for name, candidates in TUNING_CANDIDATES[path].items():
+            timings = []
+            for params in candidates:
+                try:
+                    ms = triton.testing.do_bench(lambda: kernels[name](params), warmup=5, rep=20,
+                                                 return_mode="median")
+                except Exception as e:  # a candidate that does not compile or launch here is skipped
+                    timings.append({"params": params, "error": f"{type(e).__name__}: {str(e)[:120]}"})
+                    continue
+                timings.append({"params": params, "us": ms * 1e3})
+            ok = [t for t in timings if "us" in t]
+            if ok:
+                launch[name] = dict(min(ok, key=lambda t: t["us"])["params"])
+            log[name] = timings
+        torch.cuda.synchronize()
+        _TUNED[key] = (launch, log)
+    launch, log = _TUNED[key]
+    decoder.launch_for[(batch, path)], decoder.tuning_log[(batch, path)] = launch, log
     return launch
 
 
-class _GraphedStep:
-    """Static buffers + the captured graph of one batch size."""
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
-    def __init__(self, decoder: FastDecoder, batch: int, state: MambaState, use_graph: bool, tune: bool = False):
+
+class _GraphedStep:
+    """Static buffers + the captured graph of one batch size.
+
+    With several decode paths able to run this batch size (``decoder.paths``), each is tuned, captured and its
+    graph replays timed; a path whose logits (one step from the same state) differ from the general path's by
+    more than 2e-2 (relative L2) is rejected; the fastest remaining one is kept. ``selection`` records it all."""
+
+    def __init__(self, decoder: FastDecoder, batch: int, state: MambaState, use_graph: bool, tune: bool = False,
+                 choose_path: bool = True):
         self.decoder = decoder
         self.state = state                                   # the static state object handed to callers
         self.ids = torch.zeros(batch, dtype=torch.long, device=state.ssm[0].device)
         self.graph = None
         self.logits = None
-        if use_graph:
-            saved = state.clone()
-            if tune:
-                tune_decoder(decoder, batch)
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):                  # warm-up: Triton compiles, cuBLAS picks kernels
-                for _ in range(2):
-                    decoder.step(self.ids, state.conv, state.ssm)
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = decoder.step(self.ids, state.conv, state.ssm)
-            copy_state(saved, state)                         # warm-up and capture advanced nothing visible
+        self.selection: dict[str, dict] = {}
+        if not use_graph:
+            return
+        saved = state.clone()
+        probe = (torch.arange(batch, device=self.ids.device) * 7919 + 11) % decoder.config.vocab_size
+        paths = decoder.paths(batch) if choose_path else [decoder.path(batch)]
+        if choose_path and batch in decoder.path_for:
+            paths = [decoder.path_for[batch]]
+        captured = {}
+        for path in paths:
+            decoder.path_for[batch] = path
+            try:
+                if tune:
+                    tune_decoder(decoder, batch, path)
+                graph, logits = self._capture(state)
+                copy_state(saved, state)
+                self.ids.copy_(probe)
+                graph.replay()
+                check = logits.clone()
+                ms = self._time(graph)
+            except Exception as e:  # a path that does not compile or run here is skipped
+                if len(paths) == 1:
+                    raise
+                self.selection[path] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+                continue
+            captured[path] = (graph, logits, check)
+            self.selection[path] = {"graph_ms": ms}
+        ref = captured.get("general", next(iter(captured.values())))[2]
+        for path, (_, _, check) in captured.items():
+            err = _rel(check, ref)
+            self.selection[path]["rel_to_general"] = err
+            if not (err < 2e-2):                             # also rejects NaN
+                self.selection[path]["rejected"] = True
+        ok = [p for p in captured if not self.selection[p].get("rejected")]
+        best = min(ok, key=lambda p: self.selection[p]["graph_ms"])
+        decoder.path_for[batch] = best
+        self.graph, self.logits = captured[best][0], captured[best][1]
+        self.path = best
+        del captured
+        copy_state(saved, state)                             # warm-up, capture and timing advanced nothing visible
+        self.ids.zero_()
+
+    def _capture(self, state: MambaState):
+        decoder = self.decoder
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):                      # warm-up: Triton compiles, cuBLAS picks kernels
+            for _ in range(2):
+                decoder.step(self.ids, state.conv, state.ssm)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = decoder.step(self.ids, state.conv, state.ssm)
+        return graph, logits
+
+    @staticmethod
+    def _time(graph, n: int = 20, reps: int = 5) -> float:
+        graph.replay()
+        times = []
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(n):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / n)
+        return sorted(times)[len(times) // 2]
 
     def run(self, ids: torch.Tensor) -> torch.Tensor:
         self.ids.copy_(ids, non_blocking=True)
@@ -233,7 +308,8 @@ class FastSession(Session):
     backend = "torch-fast"
 
     def __init__(self, model: MambaLM, use_graph: bool | None = None, small_batch_max: int = 16,
-                 tune: bool = True, prefill_impl: str = "rows", prefill_scan: str = "triton-rows"):
+                 tune: bool = True, prefill_impl: str = "rows", prefill_scan: str = "triton-rows",
+                 decode_path: str = "auto"):
         if model.device.type != "cuda" and use_graph is not False:
             raise UserError("backend torch-fast needs a CUDA GPU (its decode step is fused Triton kernels in a "
                             "CUDA graph); use --backend torch on the CPU")
@@ -248,7 +324,11 @@ class FastSession(Session):
         if prefill_impl not in ("rows", "model-layout") or prefill_scan not in ("triton-rows", "rows", "triton"):
             raise UserError(f"unknown prefill options {prefill_impl!r}/{prefill_scan!r}")
         self.prefill_impl, self.prefill_scan = prefill_impl, prefill_scan
+        if decode_path not in ("auto", "general", "small", "gemv"):
+            raise UserError(f"unknown decode path {decode_path!r}; choose auto, general, small or gemv")
+        self.decode_path = decode_path            # "auto": time every path that fits a batch size, keep the fastest
         self.scan_launch: dict = {}
+        self.conv_rows_launch: dict = {}
         with torch.inference_mode():
             self.decoder = FastDecoder(model, small_batch_max)
         self._steps: dict[int, _GraphedStep] = {}
@@ -258,9 +338,21 @@ class FastSession(Session):
         g = self._steps.get(batch)
         if g is None:
             with torch.inference_mode():
-                g = _GraphedStep(self.decoder, batch, self.new_state(batch), self.use_graph, self.tune)
+                if self.decode_path != "auto":
+                    paths = self.decoder.paths(batch)
+                    self.decoder.path_for[batch] = self.decode_path if self.decode_path in paths else paths[0]
+                g = _GraphedStep(self.decoder, batch, self.new_state(batch), self.use_graph, self.tune,
+                                 choose_path=self.decode_path == "auto")
             self._steps[batch] = g
         return g
+
+    def decode_info(self, batch: int) -> dict:
+        """How batch size ``batch`` is decoded: path, per-path graph timings of the selection, launch parameters."""
+        g = self._steps.get(batch)
+        path = self.decoder.path(batch)
+        return {"path": path, "selection": g.selection if g else {},
+                "launch": self.decoder.launch_for.get((batch, path), self.decoder.launch),
+                "prefill": f"{self.prefill_impl}/{self.prefill_scan}"}
 
     def static_state(self, batch: int) -> MambaState:
         """The state object the fast path keeps for ``batch`` (what step/prefill return)."""
@@ -315,7 +407,9 @@ class FastSession(Session):
             xz = F.linear(u, w.in_w, w.in_b)                                               # [b·L, 2d]
             x, z = xz[:, :d], xz[:, d:]
             conv0 = state.conv[i] if state is not None else zero_conv
-            conv_rows(x, b, conv0, w.conv_w, w.conv_b, xc)
+            if i == 0 and ids.is_cuda:
+                self._tune_conv_rows(x, b, conv0, w, xc)
+            conv_rows(x, b, conv0, w.conv_w, w.conv_b, xc, **self.conv_rows_launch)
             # new conv state: the last k inputs of [conv0, x] (read before out.conv[i] is overwritten)
             tail = x.view(b, L, d)[:, max(0, L - k):].transpose(1, 2)
             out.conv[i].copy_(torch.cat([conv0[..., L:], tail], dim=-1) if L < k else tail)
@@ -330,6 +424,32 @@ class FastSession(Session):
         res_last = residual[last].contiguous()
         add_rmsnorm(h[last].contiguous(), res_last, dec.norm_f, dec.eps, u_last, has_residual=True)
         return F.linear(u_last, dec.lm_head).float()
+
+    _CONV_ROWS_CANDIDATES = [{}, dict(block_t=32, block_d=128), dict(block_t=16, block_d=256),
+                             dict(block_t=128, block_d=64, num_warps=8), dict(block_t=8, block_d=512)]
+    _conv_rows_tuned: dict = {}
+
+    def _tune_conv_rows(self, x, b, conv0, w, xc) -> None:
+        """Launch parameters of the prefill conv, timed once per process for large prompts (cheap ones keep the
+        default)."""
+        import triton.testing
+
+        from ..ops.triton_decode import conv_rows
+        key = (x.shape[1], x.shape[0] >= 4096)
+        if key not in self._conv_rows_tuned:
+            if not key[1]:
+                self._conv_rows_tuned[key] = {}
+            else:
+                timings = []
+                for p in self._CONV_ROWS_CANDIDATES:
+                    try:
+                        t = triton.testing.do_bench(lambda: conv_rows(x, b, conv0, w.conv_w, w.conv_b, xc, **p),
+                                                    warmup=5, rep=20, return_mode="median")
+                        timings.append((t, p))
+                    except Exception:   # a candidate that does not compile here is skipped
+                        continue
+                self._conv_rows_tuned[key] = min(timings, key=lambda tp: tp[0])[1] if timings else {}
+        self.conv_rows_launch = self._conv_rows_tuned[key]
 
     def _scan_rows(self, xc, dt, z, xdbl, w, h0, y, h_out, b, L, R, N) -> torch.Tensor:
         """y rows [b·L, d] (``y`` or a tensor the scan allocated); the final state is written into ``h_out``."""
@@ -393,11 +513,12 @@ class FastSession(Session):
 
 
 def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_batch_max: int = 16,
-                      tune: bool = True, **_) -> FastSession:
+                      tune: bool = True, decode_path: str = "auto", **_) -> FastSession:
     """``source``: a MambaLM, a checkpoint ref, or an artifact (its manifest names the source checkpoint).
     Default dtype fp16 (the decode kernels are written for half-precision weights; fp32/bf16 work too)."""
     if isinstance(source, MambaLM):
-        return FastSession(source, use_graph=use_graph, small_batch_max=small_batch_max, tune=tune)
+        return FastSession(source, use_graph=use_graph, small_batch_max=small_batch_max, tune=tune,
+                           decode_path=decode_path)
     from ..checkpoint import load_model
     if is_artifact(source):
         from ..onnx.manifest import read_manifest
@@ -405,4 +526,4 @@ def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_b
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("backend torch-fast needs a CUDA GPU and none is visible; use --backend torch")
     return FastSession(load_model(source, dtype=dtype or torch.float16, device=device), use_graph=use_graph,
-                       small_batch_max=small_batch_max, tune=tune)
+                       small_batch_max=small_batch_max, tune=tune, decode_path=decode_path)
