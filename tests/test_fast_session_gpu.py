@@ -91,7 +91,12 @@ INTERP_SCRIPT = textwrap.dedent("""
     worst["scan_rows"] = max(rel(yo, yref), rel(ho, href))
     model = random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=96, d_state=8), seed=3)
     ref = TorchSession(model)
+    xc5, acc5, st5 = torch.full((M, d), float("nan")), torch.zeros(M, R + 2 * N), st.clone()
+    td.conv_xproj(xz[:, :d], st5, cw, cb, xw, xc5, acc5, block_d=32)
+    xr5, sr5 = td.conv_step_ref(xz[:, :d], st, cw, cb)
+    worst["conv_xproj"] = max(rel(xc5, xr5), rel(st5, sr5), rel(acc5, torch.nn.functional.linear(xr5, xw)))
     variants = [dict(small_batch_max=16), dict(decode_path="gemv"), dict(small_batch_max=0),
+                dict(decode_path="general-fused"),
                 dict(prefill_impl="model-layout", prefill_scan="triton")]
     for kw in variants:                                # both decode paths, the prefill variants
         fast = FastSession(model, use_graph=False, **{"prefill_scan": "rows", **kw})
@@ -176,6 +181,12 @@ def test_kernels_match_references_fp16(M):
         r3 = r0.clone()
         td.out_proj_add(yy, ow, None, r3, split_k=4)
         assert rel(r3, td.out_proj_add_ref(yy, ow, None, r0)) < 2e-3
+    xc6, st6 = torch.full((M, d), float("nan"), device=dev, dtype=f16), st.clone()
+    acc6 = torch.zeros(M, R + 2 * N, device=dev)
+    xw6 = (torch.randn(R + 2 * N, d, device=dev) / 45).to(f16)
+    td.conv_xproj(xz[:, :d], st6, cw, cb, xw6, xc6, acc6)
+    assert torch.equal(st6, sr) and rel(xc6, xr) < 2e-3
+    assert rel(acc6, torch.nn.functional.linear(xr, xw6).float()) < 5e-3
     if M <= 8:
         xc4, z4 = (torch.full((M, d), float("nan"), device=dev, dtype=f16) for _ in range(2))
         acc4, st4 = torch.zeros(M, R + 2 * N, device=dev), st.clone()
@@ -201,7 +212,8 @@ def models_370m():
 
 @needs_cuda
 @pytest.mark.parametrize("batch, steps, path", [(1, 512, "auto"), (8, 512, "auto"), (32, 128, "auto"),
-                                               (4, 128, "gemv"), (4, 128, "small"), (4, 128, "general")])
+                                               (4, 128, "gemv"), (4, 128, "small"), (4, 128, "general"),
+                                               (4, 128, "general-fused")])
 def test_fast_session_matches_reference_over_512_steps(models_370m, batch, steps, path):
     """512 steps at batch 1 and 8 on the path the session picks; shorter rollouts pin each path."""
     from mamba_deploy.runtime.fast_session import FastSession
@@ -227,8 +239,9 @@ def test_fast_session_matches_reference_over_512_steps(models_370m, batch, steps
     mean_fast, mean_ref = sum(err_fast) / len(err_fast), sum(err_ref) / len(err_ref)
     state_err = max(rel(a, b) for a, b in zip(sf.ssm, st.ssm))
     state_ref = max(rel(a, b) for a, b in zip(sr.ssm, st.ssm))
-    print(f"batch {batch} path {fast.decode_info(batch)}: mean rel err vs fp32 fast {mean_fast:.2e} ref {mean_ref:.2e}; max fast-vs-ref "
-          f"{max(dist):.2e}; final SSM state rel err fast {state_err:.2e} ref {state_ref:.2e}")
+    print(f"batch {batch} path {fast.decode_info(batch)}: mean rel err vs fp32 fast {mean_fast:.2e} ref "
+          f"{mean_ref:.2e}; max fast-vs-ref {max(dist):.2e}; final SSM state rel err fast {state_err:.2e} ref "
+          f"{state_ref:.2e}")
     assert mean_fast <= 1.5 * mean_ref + 1e-3, (mean_fast, mean_ref)
     assert max(dist) < 5e-2, max(dist)
     assert state_err <= 1.5 * state_ref + 1e-3, (state_err, state_ref)

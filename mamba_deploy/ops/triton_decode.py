@@ -584,3 +584,55 @@ def gemv_out(y, out_w, out_b, residual, block_n: int = 8, num_warps: int = 8) ->
         y, out_w, out_b if out_b is not None else out_w, residual, Nout, y.stride(0), residual.stride(0),
         M=M, K=K, HAS_BIAS=out_b is not None, BLOCK_N=block_n, BLOCK_K=triton.next_power_of_2(K),
         num_warps=num_warps)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# conv step + SiLU + x_proj partial products (atomics), for the general path at larger batches: replaces the
+# conv_step launch and the x_proj GEMM (which at M = 64, N = R + 2N = 96 is latency-bound in cuBLAS)
+# ---------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _conv_xproj_kernel(x_ptr, state_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, xdbl_ptr, M, d_inner, XD,
+                       stride_x, stride_sb, stride_sd, stride_xc, stride_xdbl,
+                       HAS_BIAS: tl.constexpr, KCONV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_X: tl.constexpr):
+    pid_d = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    mmask = ms < M
+    dmask = ds < d_inner
+    m2 = mmask[:, None] & dmask[None, :]
+    x = tl.load(x_ptr + ms[:, None] * stride_x + ds[None, :], mask=m2, other=0.0)
+    cs = state_ptr + ms[:, None] * stride_sb + ds[None, :] * stride_sd
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(KCONV):
+        if j < KCONV - 1:
+            s = tl.load(cs + (j + 1), mask=m2, other=0.0)
+        else:
+            s = x.to(state_ptr.dtype.element_ty)
+        tl.store(cs + j, s, mask=m2)
+        acc += s.to(tl.float32) * tl.load(cw_ptr + ds * KCONV + j, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc += tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    xc = (acc * tl.sigmoid(acc)).to(xc_ptr.dtype.element_ty)
+    tl.store(xc_ptr + ms[:, None] * stride_xc + ds[None, :], xc, mask=m2)
+    js = tl.arange(0, BLOCK_X)
+    wx = tl.load(wx_ptr + js[None, :] * d_inner + ds[:, None], mask=(js[None, :] < XD) & dmask[:, None], other=0.0)
+    part = tl.dot(xc.to(wx_ptr.dtype.element_ty), wx)                                  # [BLOCK_M, BLOCK_X]
+    tl.atomic_add(xdbl_ptr + ms[:, None] * stride_xdbl + js[None, :], part, mask=mmask[:, None] & (js[None, :] < XD))
+
+
+def conv_xproj(x, conv_state, conv_w, conv_b, x_w, xc, xdbl, block_m: int = 64, block_d: int = 32,
+               num_warps: int = 4) -> None:
+    """conv step + SiLU (state in place, xc written) and xdbl += xc · W_xᵀ (fp32, zero on entry).
+    Reference: ``conv_step_ref`` then ``F.linear(xc, x_w)``."""
+    M, d = x.shape
+    XD = x_w.shape[0]
+    assert conv_state.stride(2) == 1 and conv_state.stride(1) == conv_w.shape[1] and conv_w.is_contiguous()
+    assert x.stride(1) == 1 and xc.stride(1) == 1 and xdbl.dtype == torch.float32 and x_w.is_contiguous()
+    block_m = min(block_m, max(16, triton.next_power_of_2(M)))
+    grid = (triton.cdiv(d, block_d), triton.cdiv(M, block_m))
+    _conv_xproj_kernel[grid](x, conv_state, conv_w, conv_b if conv_b is not None else conv_w, x_w, xc, xdbl,
+                             M, d, XD, x.stride(0), conv_state.stride(0), conv_state.stride(1), xc.stride(0),
+                             xdbl.stride(0), HAS_BIAS=conv_b is not None, KCONV=conv_w.shape[1], BLOCK_M=block_m,
+                             BLOCK_D=block_d, BLOCK_X=max(16, triton.next_power_of_2(XD)), num_warps=num_warps)

@@ -57,7 +57,7 @@ class FastDecoder:
         self.residual_dtype = torch.float32 if c.residual_in_fp32 else model.dtype
         # launch parameters of the kernels (block sizes, warps): ``launch`` for every batch size unless
         # ``tune(batch)`` measured better ones for that size (``launch_for[batch]``, timings in ``tuning_log``)
-        self.launch: dict[str, dict] = {"front": {}, "ssm": {}, "out": {}, "conv": {}}
+        self.launch: dict[str, dict] = {"front": {}, "ssm": {}, "out": {}, "conv": {}, "convx": {}}
         self.launch_for: dict[tuple[int, str], dict[str, dict]] = {}   # (batch, path) → launch parameters
         self.tuning_log: dict[tuple[int, str], dict] = {}
         self.path_for: dict[int, str] = {}                  # batch → decode path chosen by timing (FastSession)
@@ -80,7 +80,7 @@ class FastDecoder:
             out.append("small")
             if batch <= 8:
                 out.append("gemv")
-        return out + ["general"]
+        return out + ["general", "general-fused"]
 
     def path(self, batch: int) -> str:
         return self.path_for.get(batch) or self.paths(batch)[0]
@@ -88,8 +88,8 @@ class FastDecoder:
     def step(self, ids: torch.Tensor, conv: list[torch.Tensor], ssm: list[torch.Tensor]) -> torch.Tensor:
         """ids [M] → logits [M, V] fp32; conv/ssm states updated in place."""
         path = self.path(ids.shape[0])
-        if path == "general":
-            return self.step_general(ids, conv, ssm)
+        if path in ("general", "general-fused"):
+            return self.step_general(ids, conv, ssm, fused=path == "general-fused")
         return self.step_small(ids, conv, ssm, gemv=path == "gemv")
 
     def step_small(self, ids, conv, ssm, gemv: bool = False) -> torch.Tensor:
@@ -117,14 +117,17 @@ class FastDecoder:
         add_rmsnorm(residual, residual, self.norm_f, self.eps, u, has_residual=False)
         return F.linear(u, self.lm_head).float()
 
-    def step_general(self, ids, conv, ssm) -> torch.Tensor:
+    def step_general(self, ids, conv, ssm, fused: bool = False) -> torch.Tensor:
         """Six launches per layer: add+RMSNorm, in_proj (cuBLAS), conv step, x_proj (cuBLAS), SSM step, out_proj
-        (cuBLAS); any batch size."""
-        from ..ops.triton_decode import add_rmsnorm, conv_step, ssm_step
-        d = self.config.d_inner
+        (cuBLAS); any batch size. ``fused``: conv step and x_proj in one launch (fp32 atomics), five per layer."""
+        from ..ops.triton_decode import add_rmsnorm, conv_step, conv_xproj, ssm_step
+        c = self.config
+        d = c.d_inner
         h = F.embedding(ids, self.embedding)
         M = h.shape[0]
-        launch = self.launch_for.get((M, "general"), self.launch)
+        launch = self.launch_for.get((M, "general-fused" if fused else "general"), self.launch)
+        if fused:
+            xdbl_all = torch.zeros(c.n_layer, M, self.layers[0].x_w.shape[0], dtype=torch.float32, device=h.device)
         residual = torch.empty(M, self.config.d_model, dtype=self.residual_dtype, device=h.device)
         u = torch.empty_like(h)
         xc = torch.empty(M, d, dtype=h.dtype, device=h.device)
@@ -132,8 +135,12 @@ class FastDecoder:
         for i, w in enumerate(self.layers):
             add_rmsnorm(h, residual, w.norm_w, self.eps, u, has_residual=i > 0)
             xz = F.linear(u, w.in_w, w.in_b)                                               # [M, 2d]
-            conv_step(xz[:, :d], conv[i], w.conv_w, w.conv_b, xc, **launch["conv"])
-            xdbl = F.linear(xc, w.x_w)                                                     # [M, R + 2N]
+            if fused:
+                xdbl = xdbl_all[i]
+                conv_xproj(xz[:, :d], conv[i], w.conv_w, w.conv_b, w.x_w, xc, xdbl, **launch["convx"])
+            else:
+                conv_step(xz[:, :d], conv[i], w.conv_w, w.conv_b, xc, **launch["conv"])
+                xdbl = F.linear(xc, w.x_w)                                                 # [M, R + 2N]
             ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, xz[:, d:], ssm[i], y, **launch["ssm"])
             h = F.linear(y, w.out_w, w.out_b)
         add_rmsnorm(h, residual, self.norm_f, self.eps, u, has_residual=True)
@@ -149,6 +156,8 @@ TUNING_CANDIDATES = {
              "out": [{}, dict(block_n=4), dict(block_n=16), dict(num_warps=4)],
              "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
     "general": {"conv": [{}, dict(block_d=1024)], "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
+    "general-fused": {"convx": [{}, dict(block_d=16), dict(block_d=64), dict(block_m=16), dict(block_m=32)],
+                      "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
 }
 _TUNED: dict[tuple, tuple[dict, dict]] = {}      # (shape signature, batch, path) → (launch, timings), per process
 
@@ -179,6 +188,7 @@ def tune_decoder(decoder: "FastDecoder", batch: int, path: str) -> dict[str, dic
                                      xc, z, xdbl, **p),
             "out": lambda p: out_add(y, w.out_w, w.out_b, res, **p),
             "conv": lambda p: td.conv_step(xz[:, :d], conv, w.conv_w, w.conv_b, xc, **p),
+            "convx": lambda p: td.conv_xproj(xz[:, :d], conv, w.conv_w, w.conv_b, w.x_w, xc, xdbl, **p),
             "ssm": lambda p: td.ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm, y, **p)}
         launch, log = dict(decoder.launch), {}
         for name, candidates in TUNING_CANDIDATES[path].items():
@@ -324,8 +334,9 @@ class FastSession(Session):
         if prefill_impl not in ("rows", "model-layout") or prefill_scan not in ("triton-rows", "rows", "triton"):
             raise UserError(f"unknown prefill options {prefill_impl!r}/{prefill_scan!r}")
         self.prefill_impl, self.prefill_scan = prefill_impl, prefill_scan
-        if decode_path not in ("auto", "general", "small", "gemv"):
-            raise UserError(f"unknown decode path {decode_path!r}; choose auto, general, small or gemv")
+        if decode_path not in ("auto", "general", "general-fused", "small", "gemv"):
+            raise UserError(f"unknown decode path {decode_path!r}; choose auto, general, general-fused, small or "
+                            "gemv")
         self.decode_path = decode_path            # "auto": time every path that fits a batch size, keep the fastest
         self.scan_launch: dict = {}
         self.conv_rows_launch: dict = {}
@@ -391,7 +402,7 @@ class FastSession(Session):
         add+RMSNorm, cuBLAS projections, Triton causal conv over rows, and the selective scan on row views
         (``prefill_scan``: "triton-rows" = the Triton scan of ops/triton_scan.py given strided views, "rows" =
         the time-sequential scan of ops/triton_decode.py, "triton" = the public Triton scan on transposed copies)."""
-        from ..ops.triton_decode import add_rmsnorm, conv_rows, scan_rows
+        from ..ops.triton_decode import add_rmsnorm, conv_rows
         dec, cfg = self.decoder, self.model.config
         b, L = ids.shape
         d, k, N = cfg.d_inner, cfg.d_conv, cfg.d_state
@@ -451,6 +462,39 @@ class FastSession(Session):
                 self._conv_rows_tuned[key] = min(timings, key=lambda tp: tp[0])[1] if timings else {}
         self.conv_rows_launch = self._conv_rows_tuned[key]
 
+    # tiles of the Triton scan (ops/triton_scan.py ScanConfig(T, NS, DS, num_warps)) tried on row-layout views
+    _SCAN_TILES = [(8, 4, 1, 4), (16, 4, 1, 4), (8, 16, 1, 4), (8, 4, 2, 4), (4, 4, 1, 4), (8, 2, 1, 8)]
+    _scan_tiles_tuned: dict = {}
+
+    def _scan_tile(self, triton_scan, args):
+        """The fastest scan tile for this shape class, timed once per process (None: keep the module's own)."""
+        u = args[0]
+        key = (u.shape[1], args[2].shape[1], u.shape[0] * u.shape[2] >= 4096)
+        if key in self._scan_tiles_tuned:
+            return self._scan_tiles_tuned[key]
+        best = None
+        if key[2] and hasattr(triton_scan, "ScanConfig") and hasattr(triton_scan, "set_configs"):
+            import triton.testing
+            saved = dict(getattr(triton_scan, "_CONFIG_OVERRIDE", {}))
+            timings = []
+            for tile in self._SCAN_TILES:
+                try:
+                    cfg = triton_scan.ScanConfig(*tile)
+                    triton_scan.set_configs(fwd=cfg)
+                    ms = triton.testing.do_bench(lambda: triton_scan._fwd(*args), warmup=2, rep=10,
+                                                 return_mode="median")
+                    timings.append((ms, tile, cfg))
+                except Exception:  # a tile that does not compile here is skipped
+                    continue
+                finally:
+                    triton_scan._CONFIG_OVERRIDE.clear()
+                    triton_scan._CONFIG_OVERRIDE.update(saved)
+            if timings:
+                best = min(timings, key=lambda x: x[0])[2]
+            self.scan_tile_log = [(tile, ms) for ms, tile, _ in timings]
+        self._scan_tiles_tuned[key] = best
+        return best
+
     def _scan_rows(self, xc, dt, z, xdbl, w, h0, y, h_out, b, L, R, N) -> torch.Tensor:
         """y rows [b·L, d] (``y`` or a tensor the scan allocated); the final state is written into ``h_out``."""
         from ..ops.triton_decode import scan_rows
@@ -463,9 +507,19 @@ class FastSession(Session):
             return v.view(b, L, -1).transpose(1, 2)
         Bm, Cm = t(xdbl)[:, R:R + N], t(xdbl)[:, R + N:]
         if self.prefill_scan == "triton-rows":
-            from ..ops.triton_scan import _fwd
-            yy, hT, _, _ = _fwd(t(xc), t(dt), w.A, Bm, Cm, w.D, t(z), w.dt_b, True,
-                                None if h0 is None else h0.contiguous(), False)
+            from ..ops import triton_scan
+            args = (t(xc), t(dt), w.A, Bm, Cm, w.D, t(z), w.dt_b, True, None if h0 is None else h0.contiguous(),
+                    False)
+            cfg = self._scan_tile(triton_scan, args) if xc.is_cuda else None
+            saved = dict(getattr(triton_scan, "_CONFIG_OVERRIDE", {}))
+            try:
+                if cfg is not None:
+                    triton_scan.set_configs(fwd=cfg)
+                yy, hT, _, _ = triton_scan._fwd(*args)
+            finally:
+                if cfg is not None:
+                    triton_scan._CONFIG_OVERRIDE.clear()
+                    triton_scan._CONFIG_OVERRIDE.update(saved)
         else:
             from ..ops.selective_scan import selective_scan
             yy, hT = selective_scan(t(xc), t(dt), w.A, Bm, Cm, D=w.D, z=t(z), delta_bias=w.dt_b,
