@@ -77,10 +77,17 @@ class FastDecoder:
         """Decode paths that can run ``batch`` rows, the default first."""
         out = []
         if batch <= self.small_batch_max:
+            out.append("gemv" if batch <= 8 else "small")   # at batch ≤ 8 the GEMV form of "small" stands in
+        return out + ["general", "general-fused"]
+
+    def valid_paths(self, batch: int) -> list[str]:
+        """Every path that can run ``batch`` rows (``paths`` are the ones "auto" times)."""
+        out = ["general", "general-fused"]
+        if batch <= self.small_batch_max:
             out.append("small")
             if batch <= 8:
                 out.append("gemv")
-        return out + ["general", "general-fused"]
+        return out
 
     def path(self, batch: int) -> str:
         return self.path_for.get(batch) or self.paths(batch)[0]
@@ -147,56 +154,76 @@ class FastDecoder:
         return F.linear(u, self.lm_head).float()
 
 
-# Candidate launch parameters per path, the wrappers' defaults first (pruned with the H100 sweep of
-# /work/notes/decode_notes.md). Each is timed alone on layer 0's weights (triton do_bench median, cold L2).
+# Candidate launch parameters per path, the wrappers' defaults first (see /work/notes/decode_notes.md).
 TUNING_CANDIDATES = {
-    "small": {"front": [{}, dict(block_n=16, block_k=256)], "out": [{}],
-              "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
+    "small": {"front": [{}, dict(block_n=16, block_k=256)], "out": [{}], "ssm": [{}, dict(block_d=32)]},
     "gemv": {"front": [{}, dict(block_n=4), dict(block_n=16), dict(num_warps=8)],
              "out": [{}, dict(block_n=4), dict(block_n=16), dict(num_warps=4)],
              "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
-    "general": {"conv": [{}, dict(block_d=1024)], "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
-    "general-fused": {"convx": [{}, dict(block_d=16), dict(block_d=64), dict(block_m=16), dict(block_m=32)],
-                      "ssm": [{}, dict(block_d=32), dict(block_d=16, num_warps=2)]},
+    "general": {"conv": [{}, dict(block_d=1024)],
+                "ssm": [{}, dict(block_d=32), dict(rows=1), dict(block_d=32, rows=8)]},
+    "general-fused": {"convx": [{}, dict(block_m=16), dict(block_d=64)],
+                      "ssm": [{}, dict(block_d=32), dict(rows=1), dict(block_d=32, rows=8)]},
 }
 _TUNED: dict[tuple, tuple[dict, dict]] = {}      # (shape signature, batch, path) → (launch, timings), per process
 
 
-def tune_decoder(decoder: "FastDecoder", batch: int, path: str) -> dict[str, dict]:
-    """Pick each kernel's launch parameters for ``batch`` rows on ``path`` by timing the candidates on scratch
-    copies of layer 0's tensors. Results are cached per process by shape."""
-    import triton.testing
+def _graph_ms(fn, reps: int = 5) -> float:
+    """Device time of ``fn``'s launches replayed from a CUDA graph (no host launch overhead in the number)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()                                                 # compile, warm up
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
+
+def tune_decoder(decoder: "FastDecoder", batch: int, path: str, state: MambaState) -> dict[str, dict]:
+    """Pick each kernel's launch parameters for ``batch`` rows on ``path``: every candidate runs once per layer
+    (the real weights and state buffers, so weights stream from HBM as in a decode step) inside a CUDA graph, and
+    the fastest replay wins. ``state`` is scribbled on (the caller restores it). Cached per process by shape."""
     from ..ops import triton_decode as td
-    c, w = decoder.config, decoder.layers[0]
-    key = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank_value, str(w.in_w.dtype), batch, path)
+    c, L0 = decoder.config, decoder.layers[0]
+    key = (c.d_model, c.d_inner, c.d_state, c.d_conv, c.dt_rank_value, c.n_layer, str(L0.in_w.dtype), batch, path)
     if key not in _TUNED:
-        dev, act = w.in_w.device, w.in_w.dtype
+        dev, act = L0.in_w.device, L0.in_w.dtype
         M, d = batch, c.d_inner
         g = torch.Generator(device=dev).manual_seed(0)
         res = torch.randn(M, c.d_model, device=dev, generator=g).to(decoder.residual_dtype)
-        conv = torch.randn(M, d, c.d_conv, device=dev, generator=g).to(act)
-        ssm = torch.randn(M, d, c.d_state, device=dev, generator=g)
         xz = torch.randn(M, 2 * d, device=dev, generator=g).to(act)
         y = torch.randn(M, d, device=dev, generator=g).to(act)
-        xc, z = torch.empty(M, d, device=dev, dtype=act), torch.empty(M, d, device=dev, dtype=act)
-        xdbl = torch.zeros(M, w.x_w.shape[0], device=dev)
+        xc, z = torch.randn(M, d, device=dev, generator=g).to(act), torch.empty(M, d, device=dev, dtype=act)
+        xdbl = torch.zeros(c.n_layer, M, L0.x_w.shape[0], device=dev)
         front = td.gemv_front if path == "gemv" else td.norm_in_proj_conv_xproj
         out_add = td.gemv_out if path == "gemv" else td.out_proj_add
+        layers = list(enumerate(decoder.layers))
         kernels = {
-            "front": lambda p: front(res, w.norm_w, decoder.eps, w.in_w, w.in_b, conv, w.conv_w, w.conv_b, w.x_w,
-                                     xc, z, xdbl, **p),
-            "out": lambda p: out_add(y, w.out_w, w.out_b, res, **p),
-            "conv": lambda p: td.conv_step(xz[:, :d], conv, w.conv_w, w.conv_b, xc, **p),
-            "convx": lambda p: td.conv_xproj(xz[:, :d], conv, w.conv_w, w.conv_b, w.x_w, xc, xdbl, **p),
-            "ssm": lambda p: td.ssm_step(xdbl, w.dt_w, w.dt_b, w.A, w.D, xc, z, ssm, y, **p)}
+            "front": lambda w, i, p: front(res, w.norm_w, decoder.eps, w.in_w, w.in_b, state.conv[i], w.conv_w,
+                                           w.conv_b, w.x_w, xc, z, xdbl[i], **p),
+            "out": lambda w, i, p: out_add(y, w.out_w, w.out_b, res, **p),
+            "conv": lambda w, i, p: td.conv_step(xz[:, :d], state.conv[i], w.conv_w, w.conv_b, xc, **p),
+            "convx": lambda w, i, p: td.conv_xproj(xz[:, :d], state.conv[i], w.conv_w, w.conv_b, w.x_w, xc,
+                                                   xdbl[i], **p),
+            "ssm": lambda w, i, p: td.ssm_step(xdbl[i], w.dt_w, w.dt_b, w.A, w.D, xc, z, state.ssm[i], y, **p)}
         launch, log = dict(decoder.launch), {}
         for name, candidates in TUNING_CANDIDATES[path].items():
             timings = []
             for params in candidates:
+                run = kernels[name]
                 try:
-                    ms = triton.testing.do_bench(lambda: kernels[name](params), warmup=5, rep=20,
-                                                 return_mode="median")
+                    ms = _graph_ms(lambda: [run(w, i, params) for i, w in layers]) / len(layers)
                 except Exception as e:  # a candidate that does not compile or launch here is skipped
                     timings.append({"params": params, "error": f"{type(e).__name__}: {str(e)[:120]}"})
                     continue
@@ -243,7 +270,8 @@ class _GraphedStep:
             decoder.path_for[batch] = path
             try:
                 if tune:
-                    tune_decoder(decoder, batch, path)
+                    tune_decoder(decoder, batch, path, state)
+                    copy_state(saved, state)
                 graph, logits = self._capture(state)
                 copy_state(saved, state)
                 self.ids.copy_(probe)
@@ -350,8 +378,9 @@ class FastSession(Session):
         if g is None:
             with torch.inference_mode():
                 if self.decode_path != "auto":
-                    paths = self.decoder.paths(batch)
-                    self.decoder.path_for[batch] = self.decode_path if self.decode_path in paths else paths[0]
+                    ok = self.decoder.valid_paths(batch)
+                    self.decoder.path_for[batch] = (self.decode_path if self.decode_path in ok
+                                                    else self.decoder.paths(batch)[0])
                 g = _GraphedStep(self.decoder, batch, self.new_state(batch), self.use_graph, self.tune,
                                  choose_path=self.decode_path == "auto")
             self._steps[batch] = g
