@@ -134,28 +134,33 @@ def _ssm_step_kernel(xdbl_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, x_ptr, z_ptr, sta
     dtb = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
     A = tl.load(A_ptr + ds[:, None] * N + ns[None, :], mask=dn_mask, other=0.0)     # fp32
     Dv = tl.load(D_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
-    for i in range(ROWS):
+    # rows unrolled (static_range) so the loads of every row can be in flight together; masks stand for bounds
+    for i in tl.static_range(ROWS):
         row = pid_m * ROWS + i
-        if row < M:
-            base = xdbl_ptr + row * stride_xdbl
-            # xdbl may be an fp32 accumulator (small-batch path): round as x_proj's output is rounded
-            act = y_ptr.dtype.element_ty
-            dt_raw = tl.load(base + rs, mask=rmask, other=0.0).to(act).to(tl.float32)
-            B = tl.load(base + R + ns, mask=nmask, other=0.0).to(act).to(tl.float32)
-            C = tl.load(base + R + N + ns, mask=nmask, other=0.0).to(act).to(tl.float32)
-            x = tl.load(x_ptr + row * stride_x + ds, mask=dmask, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + row * stride_z + ds, mask=dmask, other=0.0).to(tl.float32)
-            s_ptrs = state_ptr + row * stride_sb + ds[:, None] * stride_sd + ns[None, :]
-            h = tl.load(s_ptrs, mask=dn_mask, other=0.0)
-            # δ = softplus(round_act(W_dt·δ_raw) + b_dt), torch's threshold 20
-            dt = tl.sum(wdt * dt_raw[None, :], axis=1).to(y_ptr.dtype.element_ty).to(tl.float32) + dtb
-            dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
-            dA = tl.exp(dt[:, None] * A)
-            h = dA * h + (dt * x)[:, None] * B[None, :]
-            tl.store(s_ptrs, h, mask=dn_mask)
-            y = tl.sum(h * C[None, :], axis=1) + Dv * x
-            y = y * (z * tl.sigmoid(z))
-            tl.store(y_ptr + row * stride_y + ds, y.to(y_ptr.dtype.element_ty), mask=dmask)
+        ok = row < M                                  # as vector masks below (the interpreter wants them so)
+        dmask_r = ds < tl.where(ok, d_inner, 0)
+        rmask_r = rs < tl.where(ok, R, 0)
+        nmask_r = ns < tl.where(ok, N, 0)
+        dn_r = dmask_r[:, None] & nmask_r[None, :]
+        base = xdbl_ptr + row * stride_xdbl
+        # xdbl may be an fp32 accumulator (small-batch paths): round as x_proj's output is rounded
+        act = y_ptr.dtype.element_ty
+        dt_raw = tl.load(base + rs, mask=rmask_r, other=0.0).to(act).to(tl.float32)
+        B = tl.load(base + R + ns, mask=nmask_r, other=0.0).to(act).to(tl.float32)
+        C = tl.load(base + R + N + ns, mask=nmask_r, other=0.0).to(act).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + ds, mask=dmask_r, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + row * stride_z + ds, mask=dmask_r, other=0.0).to(tl.float32)
+        s_ptrs = state_ptr + row * stride_sb + ds[:, None] * stride_sd + ns[None, :]
+        h = tl.load(s_ptrs, mask=dn_r, other=0.0)
+        # δ = softplus(round_act(W_dt·δ_raw) + b_dt), torch's threshold 20
+        dt = tl.sum(wdt * dt_raw[None, :], axis=1).to(act).to(tl.float32) + dtb
+        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+        dA = tl.exp(dt[:, None] * A)
+        h = dA * h + (dt * x)[:, None] * B[None, :]
+        tl.store(s_ptrs, h, mask=dn_r)
+        y = tl.sum(h * C[None, :], axis=1) + Dv * x
+        y = y * (z * tl.sigmoid(z))
+        tl.store(y_ptr + row * stride_y + ds, y.to(act), mask=dmask_r)
 
 
 def ssm_step(xdbl: torch.Tensor, dt_weight: torch.Tensor, dt_bias: torch.Tensor, A: torch.Tensor, D: torch.Tensor,
