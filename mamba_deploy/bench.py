@@ -353,6 +353,12 @@ def format_table(report: dict) -> str:
                      f"{_fmt(r['prefill_tokens_per_s'], '14,.0f')} {_fmt(r['decode_ms_per_step'], '15.4f')} "
                      f"{_fmt(r['decode_tokens_per_s'], '13,.0f')} {_fmt(r['floor_ms'], '9.4f')} "
                      f"{_fmt(r['ratio_to_floor'], '8.2f')} {_fmt(mem, '9.0f')}")
+    for r in report["rows"]:
+        info = r.get("backend_info") or {}
+        if info.get("selection"):
+            sel = ", ".join(f"{p} {v['graph_ms']:.3f} ms" + (" (rejected)" if v.get("rejected") else "")
+                            if "graph_ms" in v else f"{p} failed" for p, v in info["selection"].items())
+            lines.append(f"{r['backend']} batch {r['batch']}: decode path {info.get('path')} (graph replay: {sel})")
     bw = report.get("hbm_bandwidth_bytes_per_s")
     if bw:
         lines.append(f"HBM copy bandwidth (read+write) {bw / 1e12:.2f} TB/s; weights "
