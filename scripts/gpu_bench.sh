@@ -15,6 +15,7 @@ PROFILE_ARGS=${PROFILE_ARGS:-}          # e.g. --quick
 BUDGET_S=${BUDGET_S:-40}                # seconds per backend x batch (fewer repetitions when slow)
 BACKENDS=${BACKENDS:-torch-fast,torch}
 BATCHES=${BATCHES:-1,8,64}
+# PYTEST_ARGS: extra pytest arguments, e.g. -k "not interpreter" (the CPU interpreter test also runs in CI)
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 if [ -n "$ORT_SITE" ]; then
@@ -31,7 +32,7 @@ has() { case ",$STAGES," in *",$1,"*) return 0;; *) return 1;; esac; }
 } 2>&1 | tee "$OUT/gpu.txt"
 
 if has tests; then
-  echo "== tests"; python3 -m pytest -q -rs -s tests/test_fast_session_gpu.py 2>&1 | tee "$OUT/tests.log" | grep -E "batch|passed|failed|Error|error|assert" | tail -30
+  echo "== tests"; python3 -m pytest -q -rs -s tests/test_fast_session_gpu.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | grep -E "batch|passed|failed|Error|error|assert" | tail -30
 fi
 if has bench; then
   echo "== bench"
