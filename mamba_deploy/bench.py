@@ -280,8 +280,11 @@ def environment(device: torch.device) -> dict:
 def run_bench(source: BenchSource, backends: list[str], batches: list[int], prompt_len: int, gen_len: int,
               device: torch.device, dtype: torch.dtype, reps: int = 5, warmup: int = 1, seed: int = 0,
               ort_options: dict | None = None, progress: Callable[[Iterable], Iterable] = lambda x: x,
-              budget_s: float | None = None) -> dict:
-    """Every backend × batch; returns the JSON-ready report (rows keep going when one combination fails)."""
+              budget_s: float | None = None, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Every backend × batch; returns the JSON-ready report. A backend that fails to open or run (missing
+    provider, export error, out of memory …) gets error rows and the others still run. ``on_row(report)`` is
+    called after every row (the CLI rewrites its JSON, so a run cut short keeps what it measured)."""
+    on_row = on_row or (lambda report: None)
     cfg = model_config(source)
     act_bytes = torch.empty((), dtype=dtype).element_size()
     report = {"environment": environment(device), "model": {"source": source.label, "config": cfg.to_dict(),
@@ -303,12 +306,11 @@ def run_bench(source: BenchSource, backends: list[str], batches: list[int], prom
         for backend in backends:
             try:
                 session = open_backend(source, backend, device, dtype, Path(tmp), ort_options)
-            except UserError:
-                raise
             except Exception as e:  # a backend that cannot open is reported, the others still run
                 for b in batches:
                     report["rows"].append(dataclasses.asdict(BenchRow(backend, b, prompt_len, gen_len,
                                                                       error=f"{type(e).__name__}: {e}")))
+                on_row(report)
                 continue
             for b in progress(batches):
                 try:
@@ -316,14 +318,13 @@ def run_bench(source: BenchSource, backends: list[str], batches: list[int], prom
                                         budget_s)
                 except torch.cuda.OutOfMemoryError as e:
                     row = BenchRow(backend, b, prompt_len, gen_len, error=f"out of memory: {str(e)[:200]}")
-                except UserError:
-                    raise
                 except Exception as e:
                     row = BenchRow(backend, b, prompt_len, gen_len, error=f"{type(e).__name__}: {e}")
                 if bw and row.decode_ms_per_step:
                     row.floor_ms = decode_floor_bytes(cfg, b, wb, act_bytes) / bw * 1e3
                     row.ratio_to_floor = row.decode_ms_per_step / row.floor_ms
                 report["rows"].append(dataclasses.asdict(row))
+                on_row(report)
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
             del session

@@ -111,3 +111,16 @@ def test_engine_budget_cuts_repetitions():
     row = bench_session(_SleepySession(), "fake", batch=1, prompt_len=4, gen_len=4, device=torch.device("cpu"),
                         reps=5, warmup=1, budget_s=0.005)
     assert len(row.prefill_samples_ms) == 1 and len(row.decode_samples_ms) == 1
+
+
+def test_bench_backend_failure_is_a_row_not_an_abort(tmp_path):
+    """onnxruntime cannot run a bf16 artifact on the CPU: its rows carry the error, torch's rows are measured."""
+    pytest.importorskip("onnxruntime", reason="onnxruntime is not installed")
+    out = tmp_path / "b.json"
+    result = CliRunner().invoke(main, ["bench", "--random", "tiny", "--backend", "onnxruntime,torch", "--dtype", "bf16",
+                                       "--device", "cpu", "--prompt-len", "3", "--gen-len", "2", "--reps", "1",
+                                       "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["onnxruntime"]["error"] and "bf16" in rows["onnxruntime"]["error"]
+    assert rows["torch"]["error"] is None and rows["torch"]["decode_ms_per_step"] > 0

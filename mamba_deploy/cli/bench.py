@@ -93,7 +93,8 @@ def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen
                f"{gen_len} decode steps, {reps} reps", err=True)
     report = run_bench(source, names, batches, prompt_len, gen_len, dev, torch_dtype, reps=reps, warmup=warmup,
                        seed=seed, ort_options=ort_options,
-                       progress=lambda it: tqdm(it, desc="batches", leave=False, unit="batch"), budget_s=budget_s)
+                       progress=lambda it: tqdm(it, desc="batches", leave=False, unit="batch"), budget_s=budget_s,
+                       on_row=(lambda rep: write_json(rep, json_path)) if json_path else None)
     click.echo(format_table(report))
     if json_path:
         click.echo(f"wrote {write_json(report, json_path)}", err=True)
