@@ -3,7 +3,8 @@
 # separated, default all): tests (GPU tests of torch-fast), profile (scripts/profile_decode.py), bench
 # (mamba-deploy bench, 370m random fp16, batches 1,8,64, prompt 2048). Everything lands under $OUT (at most 8
 # files come back from the device machine): gpu.txt, tests.log, profile.json, profile.log, bench.json,
-# bench.png, bench.log.
+# bench.png, bench.log. Stages run in the order bench, tests, profile (the benchmark first: a run cut short
+# keeps it).
 #   OUT=/tmp/o bash scripts/gpu_bench.sh
 #   ORT_SITE=/tmp/ortsite BACKENDS=torch-fast,onnxruntime,torch bash scripts/gpu_bench.sh   # onnxruntime-gpu too
 set -o pipefail
@@ -31,14 +32,14 @@ has() { case ",$STAGES," in *",$1,"*) return 0;; *) return 1;; esac; }
   python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.__file__, o.get_available_providers())" 2>&1 | tail -1
 } 2>&1 | tee "$OUT/gpu.txt"
 
-if has tests; then
-  echo "== tests"; python3 -m pytest -q -rs -s tests/test_fast_session_gpu.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | grep -E "batch|passed|failed|Error|error|assert" | tail -30
-fi
 if has bench; then
   echo "== bench"
   python3 -c 'from mamba_deploy.cli import main; main()' bench --random 370m --backend "$BACKENDS" --batch "$BATCHES" \
     --prompt-len 2048 --gen-len 128 --reps 5 --budget-s "$BUDGET_S" --dtype fp16 --json "$OUT/bench.json" \
     --plot "$OUT/bench.png" 2>&1 | tr '\r' '\n' | grep -v "batches:" | tee "$OUT/bench.log"
+fi
+if has tests; then
+  echo "== tests"; python3 -m pytest -q -rs -s tests/test_fast_session_gpu.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | grep -E "batch|passed|failed|Error|error|assert" | tail -30
 fi
 if has profile; then
   echo "== profile"; python3 scripts/profile_decode.py $PROFILE_ARGS --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"
