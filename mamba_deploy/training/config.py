@@ -81,6 +81,7 @@ class EvalConfig:
     batch_size: int = 128
     lengths: list = dataclasses.field(default_factory=list)       # parallel-forward eval lengths ([] → seq_len)
     step_lengths: list = dataclasses.field(default_factory=list)  # recurrent eval (model.step) at the end
+    # in both lists, 0 stands for the training length (data.seq_len)
     step_samples: int = 256
     stop_at_accuracy: float = 0.0  # stop early once the training-length accuracy reaches this; 0 disables
 
@@ -94,6 +95,13 @@ class TrainConfig:
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+
+    def eval_lengths(self) -> list[int]:
+        """Parallel-forward evaluation lengths; the first is the one early stopping and the progress bar use."""
+        return list(dict.fromkeys(L or self.data.seq_len for L in self.eval.lengths)) or [self.data.seq_len]
+
+    def step_eval_lengths(self) -> list[int]:
+        return list(dict.fromkeys(L or self.data.seq_len for L in self.eval.step_lengths))
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -266,8 +274,9 @@ def validate(cfg: TrainConfig) -> None:
          "[schedule] warmup_steps must be >= 0 and min_lr_ratio in [0, 1]"),
         (e.every >= 1 and e.samples >= 1 and e.batch_size >= 1 and e.step_samples >= 1,
          "[eval] every, samples, batch_size and step_samples must be at least 1"),
-        (all(isinstance(L, int) and L >= 2 for L in [*e.lengths, *e.step_lengths]),
-         "[eval] lengths and step_lengths must be integers >= 2"),
+        (all(isinstance(L, int) and not isinstance(L, bool) and (L >= 2 or L == 0)
+             for L in [*e.lengths, *e.step_lengths]),
+         "[eval] lengths and step_lengths must be integers >= 2 (or 0: the training length)"),
     ]
     for ok, msg in checks:
         if not ok:

@@ -199,7 +199,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(
                 self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.valid = {L: self.task.valid_batches(t.seed + 1, cfg.eval.samples, cfg.eval.batch_size, L)
-                      for L in (cfg.eval.lengths or [cfg.data.seq_len])} if self.dist.main else {}
+                      for L in cfg.eval_lengths()} if self.dist.main else {}
 
     # -- logging and files -----------------------------------------------------------------------------------
     def log(self, msg: str):
@@ -293,7 +293,7 @@ class Trainer:
         """``model.step`` over each of eval.step_lengths (fp32 weights, from a zero state)."""
         e = self.cfg.eval
         results = {}
-        for L in e.step_lengths:
+        for L in self.cfg.step_eval_lengths():
             batches = self.task.valid_batches(self.cfg.train.seed + 2, e.step_samples, e.step_samples, L)
             total = sum(b[0].shape[1] for b in batches)
             from tqdm import tqdm
@@ -329,7 +329,7 @@ class Trainer:
         loss_acc = torch.zeros((), device=self.device)
         last_eval, last_eval_step, stop_reason = {}, None, None
         time_frac = 0.0  # elapsed / max_minutes, agreed on by all ranks at log steps
-        eval_name = f"forward@{(cfg.eval.lengths or [cfg.data.seq_len])[0]}"
+        eval_name = f"forward@{cfg.eval_lengths()[0]}"
         self.model.train()
         while self.step < t.max_steps:
             lr = lr_at(self.step, o.lr, s.warmup_steps, t.max_steps, s.min_lr_ratio, time_frac)
