@@ -142,9 +142,9 @@ def _peak_memory_end(device: torch.device, backend: str, baseline) -> tuple[int 
 
 def bench_session(session, backend: str, batch: int, prompt_len: int, gen_len: int, device: torch.device,
                   reps: int = 5, warmup: int = 1, seed: int = 0, budget_s: float | None = None) -> BenchRow:
-    """Times ``session.prefill`` and ``session.step`` for one batch size. ``budget_s`` bounds the time spent:
-    when the first (untimed) call shows that ``reps`` repetitions would not fit in half of it, fewer are taken
-    (at least one; the samples lists say how many)."""
+    """Times ``session.prefill`` and ``session.step`` for one batch size, after untimed warm-up calls.
+    ``budget_s`` bounds the time spent: when the first timed repetition shows that ``reps`` would not fit in half
+    of it (per phase), fewer are taken (at least one; the samples lists say how many)."""
     row = BenchRow(backend, batch, prompt_len, gen_len)
     g = torch.Generator().manual_seed(seed)
     prompt = torch.randint(1, session.vocab_size, (batch, prompt_len), generator=g)
@@ -153,40 +153,40 @@ def bench_session(session, backend: str, batch: int, prompt_len: int, gen_len: i
         prompt, tokens = prompt.to(device), tokens.to(device)
     baseline = _peak_memory_start(device, backend)
 
-    def fit(first_ms: float) -> int:
+    def more(first_ms: float) -> int:
+        """Timed repetitions after the first timed one: ``reps`` − 1, fewer when the budget would not hold them."""
         if not budget_s:
-            return reps
-        return max(1, min(reps, int(budget_s * 1e3 / 2 / max(first_ms, 1e-3))))
+            return reps - 1
+        return max(0, min(reps, int(budget_s * 1e3 / 2 / max(first_ms, 1e-3))) - 1)
 
-    # prefill (the first call is a warm-up: compilation, graph capture, allocator; its state seeds the decode)
-    with Timer(device) as t:
-        _, state = session.prefill(prompt)
+    # prefill. Warm-up calls are never timed (compilation, tuning, graph capture, lazy session creation); the
+    # state of the first one seeds the decode.
+    _, state = session.prefill(prompt)
     start_state = state.clone()
-    first_ms = t.ms
-    if budget_s and first_ms > budget_s * 1e3 / 2:
-        row.prefill_samples_ms.append(first_ms)       # too slow to repeat: the warm-up call is the one sample
-        row.notes = "prefill: a single call, warm-up included (over half the budget)"
-    else:
-        for _ in range(warmup - 1):
+    for _ in range(warmup - 1):
+        session.prefill(prompt)
+    with Timer(device) as t:
+        session.prefill(prompt)
+    row.prefill_samples_ms.append(t.ms)
+    for _ in range(more(t.ms)):
+        with Timer(device) as t:
             session.prefill(prompt)
-        for _ in range(fit(first_ms)):
-            with Timer(device) as t:
-                session.prefill(prompt)
-            row.prefill_samples_ms.append(t.ms)
+        row.prefill_samples_ms.append(t.ms)
     row.prefill_ms = statistics.median(row.prefill_samples_ms)
     row.prefill_tokens_per_s = batch * prompt_len / (row.prefill_ms / 1e3)
     # decode: gen_len steps per repetition from the state after the prompt, the returned state passed back
     state = start_state.clone()
-    n_warm = max(warmup, 1) * min(gen_len, 8)
-    with Timer(device) as t:
-        for i in range(n_warm):
-            _, state = session.step(tokens[i % gen_len], state)
-    for _ in range(fit(t.ms / n_warm * gen_len)):
+    for i in range(max(warmup, 1) * min(gen_len, 8)):
+        _, state = session.step(tokens[i % gen_len], state)
+    n_timed = None
+    while n_timed is None or len(row.decode_samples_ms) < n_timed:
         state = start_state.clone()
         with Timer(device) as t:
             for i in range(gen_len):
                 _, state = session.step(tokens[i], state)
         row.decode_samples_ms.append(t.ms / gen_len)
+        if n_timed is None:
+            n_timed = 1 + more(t.ms)
     row.decode_ms_per_step = statistics.median(row.decode_samples_ms)
     row.decode_tokens_per_s = batch / (row.decode_ms_per_step / 1e3)
     row.peak_memory_bytes, row.memory_kind = _peak_memory_end(device, backend, baseline)

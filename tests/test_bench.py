@@ -107,7 +107,8 @@ def test_bench_user_errors(args, message):
 
 
 def test_engine_budget_cuts_repetitions():
-    """A budget that half the first call's time already fills leaves one timed repetition per phase."""
+    """A budget that half the first timed call already fills leaves one timed repetition per phase (warm-up calls
+    are never the sample)."""
     row = bench_session(_SleepySession(), "fake", batch=1, prompt_len=4, gen_len=4, device=torch.device("cpu"),
                         reps=5, warmup=1, budget_s=0.005)
     assert len(row.prefill_samples_ms) == 1 and len(row.decode_samples_ms) == 1
@@ -124,3 +125,20 @@ def test_bench_backend_failure_is_a_row_not_an_abort(tmp_path):
     rows = {r["backend"]: r for r in json.loads(out.read_text())["rows"]}
     assert rows["onnxruntime"]["error"] and "bf16" in rows["onnxruntime"]["error"]
     assert rows["torch"]["error"] is None and rows["torch"]["decode_ms_per_step"] > 0
+
+
+class _SlowFirstCall(_SleepySession):
+    """First prefill 80 ms (compilation, tuning …), later ones 6 ms."""
+    calls = 0
+
+    def prefill(self, ids, state=None):
+        self.calls += 1
+        if self.calls == 1:
+            time.sleep(0.08)
+        return super().prefill(ids, state)
+
+
+def test_engine_never_times_the_warm_up_call():
+    row = bench_session(_SlowFirstCall(), "fake", batch=1, prompt_len=4, gen_len=2, device=torch.device("cpu"),
+                        reps=2, warmup=1, budget_s=0.02)
+    assert row.prefill_samples_ms and max(row.prefill_samples_ms) < 60, row.prefill_samples_ms
