@@ -17,6 +17,8 @@ COMMANDS = {
     "random": ("random_ckpt", "Write a checkpoint of a named size with random weights (no hub needed)."),
     "export": ("export", "Export a checkpoint to an ONNX artifact (step + prefill graphs, manifest)."),
     "build": ("build", "Build TensorRT engines (step + prefill) for an artifact, with the selective-scan plugin."),
+    "generate": ("generate", "Continue prompts on any backend (greedy or sampled), streaming tokens."),
+    "check": ("check", "Compare an artifact's backends with the PyTorch source model (Polygraphy); exit 1 on failure."),
     "bench": ("bench", "Time prefill and decode of several backends side by side, against the HBM floor."),
     "train": ("train", "Train a model from a TOML config or preset (synthetic tasks, text), with checkpoints."),
 }
