@@ -209,6 +209,8 @@ def test_presets_parse_and_overrides():
     r = cli("train", "--config", "copying", "--set", "eval.step_lengths=[1024, 4096]", "--print-config")
     assert "step_lengths = [1024, 4096]" in r.output
     assert load_config("induction").to_toml() == load_config("induction").to_toml()
+    cfg = load_config("copying", [parse_override("data.seq_len=512")])  # step_lengths = [0]: the training length
+    assert cfg.step_eval_lengths() == [512] and cfg.eval_lengths() == [512]
 
 
 def test_text_training_and_torchrun_data_parallel_on_cpu(tmp_path):
