@@ -118,3 +118,7 @@ def contract_markdown() -> str:
         lines += [f"| out {i} | `{p.name}` | [{', '.join(p.shape)}] | {p.dtype} | {p.doc} |"
                   for i, p in enumerate(op.outputs)]
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m mamba_deploy.onnx.contract  → README's contract tables
+    print(contract_markdown())
