@@ -165,7 +165,7 @@ def _scan_fwd_kernel(
         _, hh = tl.associative_scan((a, b), 0, _affine_combine)       # h_t, t in chunk
         # Σ_n: the in-thread axis NS first, then the NL lanes (the other order costs a layout conversion)
         y = tl.sum(tl.sum(hh * Ct[:, :, None, None, :], axis=1), axis=3)           # ⟨h_t, C_t⟩  [T, DS, DLW]
-        h = tl.sum(tl.where(ti == T - 1, hh, 0.0), axis=0)
+        h = tl.sum(tl.where(ti == T - 1, hh, -0.0), axis=0)     # −0.0: x + (−0.0) = x folds away
 
         if HAS_D:
             y += Dv * u
@@ -295,12 +295,13 @@ def _scan_bwd_kernel(
         cdy = C5 * dy[:, None, :, :, None]
         cdy = tl.where(ti == T - 1, cdy + carry[None], cdy)
         _, g = tl.associative_scan((a_next, cdy), 0, _affine_combine, reverse=True)
-        carry = tl.sum(tl.where(ti == 0, a * g, 0.0), axis=0)        # ∂ℓ/∂h_{t0−1}
+        carry = tl.sum(tl.where(ti == 0, a * g, -0.0), axis=0)       # ∂ℓ/∂h_{t0−1} (−0.0 folds away)
 
         hb = hh - b                                                   # a_t h_{t−1}
         gB = tl.sum(tl.sum(g * B5, axis=1), axis=3)                   # Σ_n g B         [T, DS, DLW]
-        gAhb = tl.sum(tl.sum(g * hb * A, axis=1), axis=3)             # Σ_n g A a h
-        dA_acc += tl.sum(dt[:, None, :, :, None] * g * hb, axis=0)
+        ghb = g * hb                                                  # g_t a_t h_{t−1}
+        gAhb = tl.sum(tl.sum(ghb * A, axis=1), axis=3)                # Σ_n g A a h
+        dA_acc += tl.sum(dt[:, None, :, :, None] * ghb, axis=0)
         ddt = u * gB + gAhb
         du = dt * gB
         if HAS_D:
@@ -359,9 +360,9 @@ def default_configs(N: int) -> tuple[ScanConfig, ScanConfig]:
     """(forward, backward) tiles; both use the same T (the backward restarts from the states saved per chunk)."""
     if _interpreting():
         return ScanConfig(8, 2, 1, 1), ScanConfig(8, 2, 1, 1)
-    # measured on an H100 (bench/bench_scan.py --sweep, 8×2048×2048×16 bf16): one-warp backward programs avoid the
-    # cross-warp steps of the channel sums and layout conversions; the forward likes NS=8 (one shuffle level for y)
-    return ScanConfig(8, 8, 1, 2), ScanConfig(8, 4, 1, 1)
+    # measured on an H100 (bench/bench_scan.py --sweep, 8×2048×2048×16 bf16): one-warp programs avoid the cross-warp
+    # steps of the channel sums and of the layout conversions; the forward likes NS=8 (one shuffle level for y)
+    return ScanConfig(8, 8, 1, 1), ScanConfig(8, 4, 1, 1)
 
 
 _CONFIG_OVERRIDE: dict[str, ScanConfig] = {}
