@@ -29,10 +29,6 @@ from mamba_deploy.ops.triton_scan import ScanConfig, selective_scan_triton  # no
 
 UPSTREAM_H100_MS = {"fwd": 0.595, "fwd_bwd": 3.03}
 
-SWEEP = {  # T -> (forward candidates, backward candidates) as (NS, DS, num_warps); the H100 runs of 2026-11-22
-    # covered T in {8, 16, 32}, NS in {1, 2, 4, 8, 16}, DS in {1, 2}, 1-8 warps (see /work/notes/triton_notes.md)
-    8: ([(8, 1, 1), (8, 1, 2), (4, 1, 1)], [(4, 1, 1), (2, 1, 1)]),
-}
 
 
 def make_inputs(batch, dim, L, N, dtype, device="cuda", requires_grad=False):
@@ -110,7 +106,7 @@ def run_sweep(args, res):
     dy = torch.randn(args.batch, args.dim, args.seqlen, device="cuda", dtype=DTYPES[args.dtype])
     rows = []
     best = None
-    for T, (fwd_cands, bwd_cands) in SWEEP.items():
+    for T, (fwd_cands, bwd_cands) in triton_scan.SWEEP_TILES.items():
         fwd_times = {}
         for ns, ds, w in fwd_cands:
             cfg = ScanConfig(T, ns, ds, w)

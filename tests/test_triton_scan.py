@@ -206,3 +206,30 @@ def test_gpu_poisoned_outputs_are_overwritten_and_autocast_works():
     for k in ref:
         assert torch.isfinite(ours[k]).all(), k
         assert bf16_excess(ours[k], ref[k]) <= 1.0, k
+
+
+def _sweep_tile_pairs():
+    from mamba_deploy.ops.triton_scan import SWEEP_TILES
+    pairs = []
+    for T, (fwd, bwd) in SWEEP_TILES.items():
+        pairs += [(T, f, bwd[0]) for f in fwd] + [(T, fwd[0], b) for b in bwd[1:]]
+    return pairs
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("T,fwd,bwd", _sweep_tile_pairs())
+def test_gpu_every_sweep_tile_matches_reference(T, fwd, bwd):
+    """Any tile the benchmark may pick is checked too (fp32, all options, L not a multiple of T)."""
+    from mamba_deploy.ops import triton_scan as ts
+    inp = make_inputs(2, 72, 301, 16, has_d=True, has_z=True, has_bias=True, has_h0=True,
+                      act_dtype=torch.float32, device="cuda", seed=11)
+    ref = run_with_grads(selective_scan_ref, to64(inp))
+    ts.set_configs(fwd=ts.ScanConfig(T, *fwd), bwd=ts.ScanConfig(T, *bwd))
+    try:
+        ours = run_with_grads(ts.selective_scan_triton, inp)
+    finally:
+        ts.set_configs()
+    errs = {k: normwise_rel(ours[k], ref[k]) for k in ref}
+    bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
+    assert not bad, f"tile T={T} fwd={fwd} bwd={bwd}: normwise relative error above {FP32_REL}: {bad}"

@@ -365,6 +365,14 @@ def default_configs(N: int) -> tuple[ScanConfig, ScanConfig]:
     return ScanConfig(8, 8, 1, 1), ScanConfig(8, 4, 1, 1)
 
 
+# Tiles the benchmark sweeps (bench/bench_scan.py --sweep) and the GPU tests check: T -> ((NS, DS, num_warps) of
+# forward candidates, of backward candidates). Earlier H100 sweeps (notes: /work/notes/triton_notes.md) covered
+# T in {8, 16, 32}, NS in {1..16}, DS in {1, 2}, 1-8 warps; these are the contenders.
+SWEEP_TILES = {
+    8: ([(8, 1, 1), (8, 1, 2)], [(4, 1, 1)]),
+    4: ([(8, 1, 1), (16, 1, 1), (8, 2, 1)], [(4, 2, 1), (4, 1, 1), (8, 1, 1)]),
+}
+
 _CONFIG_OVERRIDE: dict[str, ScanConfig] = {}
 
 
