@@ -361,7 +361,8 @@ def default_configs(N: int) -> tuple[ScanConfig, ScanConfig]:
     if _interpreting():
         return ScanConfig(8, 2, 1, 1), ScanConfig(8, 2, 1, 1)
     # measured on an H100 (bench/bench_scan.py --sweep, 8×2048×2048×16 bf16): one-warp programs avoid the cross-warp
-    # steps of the channel sums and of the layout conversions; the forward likes NS=8 (one shuffle level for y)
+    # steps of the channel sums and of the layout conversions; the forward likes NS=8 (one shuffle level for y).
+    # With these: forward 0.514 ms, forward+backward 3.42 ms (upstream CUDA: 0.595 / 3.03 ms).
     return ScanConfig(8, 8, 1, 1), ScanConfig(8, 4, 1, 1)
 
 
