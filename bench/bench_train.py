@@ -61,11 +61,17 @@ def main():
     results = {"size": a.size, "batch": a.batch, "seq_len": a.seq_len, "device": torch.cuda.get_device_name(),
                "runs": []}
     for backend in a.backends.split(","):
-        r = time_backend(a.size, backend, a.batch, a.seq_len, a.steps, a.warmup)
+        try:
+            r = time_backend(a.size, backend, a.batch, a.seq_len, a.steps, a.warmup)
+        except torch.OutOfMemoryError as e:
+            torch.cuda.empty_cache()
+            results["runs"].append({"backend": backend, "error": f"out of memory: {str(e).splitlines()[0]}"})
+            print(f"{backend:8s} out of memory", flush=True)
+            continue
         results["runs"].append(r)
         print(f"{backend:8s} step {r['step_s_median'] * 1e3:9.1f} ms  {r['tokens_per_s']:10.0f} tokens/s  "
               f"peak {r['peak_mem_gib']:.1f} GiB", flush=True)
-    by = {r["backend"]: r for r in results["runs"]}
+    by = {r["backend"]: r for r in results["runs"] if "error" not in r}
     if "triton" in by and "chunked" in by:
         results["speedup_triton_over_chunked"] = by["triton"]["tokens_per_s"] / by["chunked"]["tokens_per_s"]
         print(f"triton / chunked tokens/s: {results['speedup_triton_over_chunked']:.1f}x")
