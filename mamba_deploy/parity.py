@@ -31,39 +31,6 @@ from .onnx.contract import STEP_GRAPH, conv_state_name, ssm_state_name
 
 REFERENCE = "torch-reference"
 
-# what to install for a backend that is known but not importable / not registered
-BACKEND_PACKAGES = {
-    "onnxruntime": "onnxruntime (pip install onnxruntime, or onnxruntime-gpu for the CUDA EP)",
-    "tensorrt": "TensorRT (pip install tensorrt, or tensorrt-rtx-cu13-bindings and tensorrt-rtx-cu13-libs)",
-}
-
-
-def check_backend_name(backend: str) -> None:
-    """One-line error for a backend name that is not registered."""
-    from .runtime.session import BACKENDS
-
-    if backend not in BACKENDS:
-        if backend in BACKEND_PACKAGES:
-            raise UserError(f"backend '{backend}' is not available in this installation: it needs "
-                            f"{BACKEND_PACKAGES[backend]} and the mamba-deploy {backend} runtime")
-        raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
-
-
-def open_backend(source, backend: str, **options):
-    """``open_session`` with one-line errors for unknown backends and missing packages."""
-    from .runtime.session import open_session
-
-    check_backend_name(backend)
-    try:
-        return open_session(source, backend, **options)
-    except ImportError as e:
-        if (e.name or "").startswith("mamba_deploy"):
-            raise
-        what = BACKEND_PACKAGES.get(backend, f"the '{e.name}' package")
-        raise UserError(f"backend '{backend}' is not available: it needs {what} ({e.name or e} is not "
-                        "installed)") from None
-
-
 # ---- the rollout ---------------------------------------------------------------------------------------------
 def state_outputs(state: MambaState) -> dict[str, np.ndarray]:
     out = {}

@@ -53,9 +53,9 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
     from ..checkpoint import load_model
     from ..onnx.manifest import read_manifest
     from ..onnx.tolerances import DEFAULT_TOLERANCES
-    from ..parity import (check_backend_name, format_table, open_backend, polygraphy_command, run_check,
+    from ..parity import (format_table, polygraphy_command, run_check,
                           write_json, write_plot)
-    from ..runtime.session import open_session
+    from ..runtime.session import check_backend_name, open_session
 
     for opt, value, low in (("--steps", steps, 0), ("--prompt-len", prompt_len, 1), ("--batch", batch, 1)):
         if value < low:
@@ -86,7 +86,7 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
 
     source = model_ref or manifest["source"]["checkpoint"]
     options = {"device": device} if device else {}
-    sessions = {name: open_backend(artifact, name, **options) for name in names}
+    sessions = {name: open_session(artifact, name, **options) for name in names}
     reference = open_session(load_model(source, dtype=torch.float32), "torch")
     vocab = int(manifest["config"]["vocab_size"])
     if reference.vocab_size != next(iter(sessions.values())).vocab_size:

@@ -92,7 +92,7 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
     from pathlib import Path
 
     from ..generation import SamplingParams, TextStream, generate
-    from ..parity import check_backend_name, open_backend
+    from ..runtime.session import check_backend_name, open_session
 
     check_backend_name(backend)
     if (artifact is None) == (model_ref is None):
@@ -121,7 +121,7 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
         from ..onnx.manifest import read_manifest
         manifest = read_manifest(artifact)
     options = {"device": device} if device else {}
-    session = open_backend(artifact if artifact is not None else model_ref, backend, **options)
+    session = open_session(artifact if artifact is not None else model_ref, backend, **options)
 
     batch = len(ids)
     streams = [TextStream(tok, p) for p in ids] if tok else None

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ..errors import UserError
 from ..model import MambaLM, MambaState
-from .session import Session, is_artifact
+from .session import is_artifact
+from .torch_session import TorchSession
 
 
 @dataclasses.dataclass
@@ -342,7 +343,7 @@ def copy_state(src: MambaState, dst: MambaState) -> None:
         b.copy_(a, non_blocking=True)
 
 
-class FastSession(Session):
+class FastSession(TorchSession):
     backend = "torch-fast"
 
     def __init__(self, model: MambaLM, use_graph: bool | None = None, small_batch_max: int = 16,
@@ -351,12 +352,8 @@ class FastSession(Session):
         if model.device.type != "cuda" and use_graph is not False:
             raise UserError("backend torch-fast needs a CUDA GPU (its decode step is fused Triton kernels in a "
                             "CUDA graph); use --backend torch on the CPU")
-        self.model = model.eval()
+        super().__init__(model)
         c = model.config
-        self.n_layer, self.d_inner, self.d_conv, self.d_state = c.n_layer, c.d_inner, c.d_conv, c.d_state
-        self.vocab_size = c.padded_vocab_size
-        self.device = model.device
-        self.state_dtype = model.dtype
         self.use_graph = model.device.type == "cuda" if use_graph is None else use_graph
         self.tune = tune and self.use_graph       # time the kernels' launch parameters once per batch size
         if prefill_impl not in ("rows", "model-layout") or prefill_scan not in ("triton-rows", "rows", "triton"):

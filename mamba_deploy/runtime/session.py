@@ -88,12 +88,33 @@ class Session(abc.ABC):
                 raise UserError(f"conv_state.{i} must be {self.state_dtype}, got {c.dtype}")
 
 
-def open_session(source, backend: str = "torch", **options) -> Session:
-    """Open ``source`` (an artifact directory, a checkpoint ref, or a MambaLM) on ``backend``."""
+# what to install for a backend whose package is missing
+BACKEND_PACKAGES = {
+    "onnxruntime": "onnxruntime (pip install onnxruntime, or onnxruntime-gpu for the CUDA EP)",
+    "tensorrt": "TensorRT (pip install tensorrt, or tensorrt-rtx-cu13-bindings and tensorrt-rtx-cu13-libs)",
+    "torch-fast": "Triton and a CUDA GPU (pip install triton)",
+}
+
+
+def check_backend_name(backend: str) -> None:
+    """One-line error for a backend name that is not registered."""
     if backend not in BACKENDS:
         raise UserError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+
+
+def open_session(source, backend: str = "torch", **options) -> Session:
+    """Open ``source`` (an artifact directory, a checkpoint ref, or a MambaLM) on ``backend``. Unknown backends and
+    missing packages are one-line errors that say what to install."""
+    check_backend_name(backend)
     module, factory = BACKENDS[backend].split(":")
-    return getattr(importlib.import_module(module), factory)(source, **options)
+    try:
+        return getattr(importlib.import_module(module), factory)(source, **options)
+    except ImportError as e:
+        if (e.name or "").startswith("mamba_deploy"):
+            raise
+        what = BACKEND_PACKAGES.get(backend, f"the '{e.name}' package")
+        raise UserError(f"backend '{backend}' is not available: it needs {what} ({e.name or e} is not "
+                        "installed)") from None
 
 
 def is_artifact(source) -> bool:
