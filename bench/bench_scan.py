@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Selective-scan benchmark: the Triton kernels vs our chunked torch scan, Mamba's usage (z, D, δ bias, softplus).
 
-    python bench/bench_scan.py --json scan.json [--sweep] [--profile]
+    python bench/bench_scan.py --json scan.json [--sweep] [--profile] [--bwd-variants]
 
 Default shape: batch 8, d_inner 2048, L 2048, N 16, bf16 activations (A, D, δ bias fp32) — DESIGN §6's anchor, where
 upstream's CUDA kernel takes 0.595 ms forward and 3.03 ms forward+backward on an H100.
@@ -144,6 +144,25 @@ def run_sweep(args, res):
         triton_scan.set_configs()
 
 
+def run_bwd_variants(args, res):
+    """Forward+backward of every ``triton_scan.BWD_VARIANTS`` entry, timed side by side in one process."""
+    inp = make_inputs(args.batch, args.dim, args.seqlen, args.dstate, DTYPES[args.dtype], requires_grad=True)
+    dy = torch.randn(args.batch, args.dim, args.seqlen, device="cuda", dtype=DTYPES[args.dtype])
+    rows = []
+    for name, (fwd, bwd) in triton_scan.BWD_VARIANTS.items():
+        triton_scan.set_configs(fwd=ScanConfig(*fwd), bwd=ScanConfig(*bwd))
+        try:
+            t_f = bench_ms(fwd_fn(selective_scan_triton, inp))
+            t_fb = bench_ms(fwd_bwd_fn(selective_scan_triton, inp, dy))
+            rows.append({"variant": name, "fwd": list(fwd), "bwd": list(bwd), "fwd_train_ms": t_f,
+                         "fwd_bwd_ms": t_fb, "bwd_ms": t_fb - t_f})
+        except Exception as e:  # noqa: BLE001  (a variant that does not compile is a result)
+            rows.append({"variant": name, "error": repr(e)[:300]})
+        print(rows[-1], flush=True)
+    triton_scan.set_configs()
+    res["bwd_variants"] = rows
+
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -156,6 +175,8 @@ def main(argv=None):
     p.add_argument("--dstate", type=int, default=16)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sweep", action="store_true", help="time tile configurations first and use the best")
+    p.add_argument("--bwd-variants", action="store_true",
+                   help="time forward+backward of every triton_scan.BWD_VARIANTS entry side by side")
     p.add_argument("--profile", action="store_true", help="torch.profiler kernel breakdown of fwd and fwd+bwd")
     p.add_argument("--skip-chunked", action="store_true", help="do not time the chunked torch scan")
     args = p.parse_args(argv)
@@ -182,6 +203,9 @@ def main(argv=None):
     save()
     if args.sweep:
         run_sweep(args, res)
+        save()
+    if args.bwd_variants:
+        run_bwd_variants(args, res)
         save()
     res["configs"] = [repr(c) for c in triton_scan._configs(args.dstate)]
 

@@ -108,8 +108,25 @@ _WORKER = textwrap.dedent("""
         ref = t.run_with_grads(selective_scan_ref, t.to64(inp), delta_softplus=softplus)
         ours = t.run_with_grads(selective_scan_triton, inp, delta_softplus=softplus)
         results.append({k: t.normwise_rel(ours[k], ref[k]) for k in ref})
-    print("RESULTS" + json.dumps(results))
+    # backward variants: the first version's look-ahead adjoint, and backward chunks shorter than the forward's
+    from mamba_deploy.ops import triton_scan as ts
+    variants = []
+    for fwd, bwd in t.INTERP_VARIANTS:
+        ts.set_configs(fwd=ts.ScanConfig(*fwd), bwd=ts.ScanConfig(*bwd))
+        for i, (L, N, has_d, has_z, has_bias, has_h0, softplus) in enumerate(t.INTERP_CASES):
+            if N != 6:
+                continue
+            inp = t.make_inputs(2, 5, L, N, has_d=has_d, has_z=has_z, has_bias=has_bias, has_h0=has_h0,
+                                act_dtype=torch.float32, device="cpu", seed=200 + i)
+            ref = t.run_with_grads(selective_scan_ref, t.to64(inp), delta_softplus=softplus)
+            ours = t.run_with_grads(ts.selective_scan_triton, inp, delta_softplus=softplus)
+            variants.append({k: t.normwise_rel(ours[k], ref[k]) for k in ref})
+    ts.set_configs()
+    print("RESULTS" + json.dumps({"default": results, "variants": variants}))
 """)
+
+# (forward ScanConfig args, backward ScanConfig args) also run under the interpreter, on the N=6 cases
+INTERP_VARIANTS = [((8, 2, 1, 1), (8, 2, 1, 1, True)), ((8, 2, 1, 1), (4, 2, 1, 1)), ((8, 2, 1, 1), (2, 2, 1, 1, True))]
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +143,19 @@ def interpreter_results():
                          ids=[f"L{c[0]}-N{c[1]}-D{int(c[2])}z{int(c[3])}b{int(c[4])}h{int(c[5])}sp{int(c[6])}"
                               for c in INTERP_CASES])
 def test_interpreter_matches_reference(interpreter_results, case):
-    errs = interpreter_results[case]
+    errs = interpreter_results["default"][case]
     expected = {"y", "final_state", "d_u", "d_delta", "d_A", "d_B", "d_C"}
     assert expected <= set(errs), f"missing outputs/gradients: {expected - set(errs)}"
     bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
     assert not bad, f"normwise relative error above {FP32_REL}: {bad}"
+
+
+def test_interpreter_backward_variants_match_reference(interpreter_results):
+    res = interpreter_results["variants"]
+    assert len(res) == len(INTERP_VARIANTS) * sum(c[1] == 6 for c in INTERP_CASES)
+    for i, errs in enumerate(res):
+        bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
+        assert not bad, f"variant {INTERP_VARIANTS[i // 3]} case {i % 3}: error above {FP32_REL}: {bad}"
 
 
 def test_rejects_bad_shapes():
@@ -233,3 +258,33 @@ def test_gpu_every_sweep_tile_matches_reference(T, fwd, bwd):
     errs = {k: normwise_rel(ours[k], ref[k]) for k in ref}
     bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
     assert not bad, f"tile T={T} fwd={fwd} bwd={bwd}: normwise relative error above {FP32_REL}: {bad}"
+
+
+def _bwd_variant_names():
+    from mamba_deploy.ops.triton_scan import BWD_VARIANTS
+    return list(BWD_VARIANTS)
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", _bwd_variant_names())
+def test_gpu_every_backward_variant_matches_reference(name):
+    """Every backward the benchmark times (bench_scan.py --bwd-variants), bf16 and fp32, L not a multiple of T."""
+    from mamba_deploy.ops import triton_scan as ts
+    fwd, bwd = ts.BWD_VARIANTS[name]
+    for act, L in ((torch.float32, 301), (torch.bfloat16, 299)):
+        inp = make_inputs(2, 72, L, 16, has_d=True, has_z=True, has_bias=True, has_h0=True,
+                          act_dtype=act, device="cuda", seed=13 + L)
+        ref = run_with_grads(selective_scan_ref, to64(inp))
+        ts.set_configs(fwd=ts.ScanConfig(*fwd), bwd=ts.ScanConfig(*bwd))
+        try:
+            ours = run_with_grads(ts.selective_scan_triton, inp)
+        finally:
+            ts.set_configs()
+        if act == torch.float32:
+            errs = {k: normwise_rel(ours[k], ref[k]) for k in ref}
+            bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
+        else:
+            errs = {k: bf16_excess(ours[k], ref[k]) for k in ref}
+            bad = {k: v for k, v in errs.items() if not v <= 1.0}
+        assert not bad, f"variant {name} ({act}): {bad}"

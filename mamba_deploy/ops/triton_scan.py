@@ -22,7 +22,7 @@ When a backward will follow, the state entering every chunk is saved ([batch, L/
 
 Backward (reverse-mode, chunks in reverse order). With g_t = ∂ℓ/∂h_t (the adjoint) and dy_t = ∂ℓ/∂y_t:
 
-    g_t = a_{t+1} ⊙ g_{t+1} + C_t dy_t        (a reverse scan; a_{t+1} from δ loaded one step ahead)
+    g_t = a_{t+1} ⊙ g_{t+1} + C_t dy_t        (a reverse scan on the unshifted a_t: see _adjoint_combine)
     ∂ℓ/∂δ_t = Σ_n g_t (u_t B_t + A (h_t − b_t))     [h_t − b_t = a_t h_{t−1}, as upstream]
     ∂ℓ/∂u_t = δ_t Σ_n g_t B_t + D dy_t          ∂ℓ/∂A = Σ_t δ_t g_t (h_t − b_t)
     ∂ℓ/∂B_t = Σ_d g_t δ_t u_t                   ∂ℓ/∂C_t = Σ_d dy_t h_t          ∂ℓ/∂h_0 = a_1 g_1
@@ -51,6 +51,15 @@ def _interpreting() -> bool:
 def _affine_combine(a1, b1, a2, b2):
     """(a1, b1) then (a2, b2): x ↦ a2 (a1 x + b1) + b2."""
     return a1 * a2, a2 * b1 + b2
+
+
+@triton.jit
+def _adjoint_combine(a_r, p_r, s_r, a_l, p_l, s_l):
+    """Reverse-scan monoid for the adjoint g_t = c_t + a_{t+1} g_{t+1} with the UNshifted a_t: a segment [t..s] is
+    (a_t, a_{t+1}···a_s, its g_t); (r)ight = the later segment (the running value of a reverse scan), (l)eft =
+    the earlier one: concatenation l·r = (a_l, p_l a_r p_r, s_l + p_l a_r s_r). A lone element is (a_t, 1, c_t),
+    so in the sequential in-thread scan p stays 1 (folded) and each step costs one FFMA: s = c_t + a_{t+1} s."""
+    return a_l, p_l * a_r * p_r, s_l + p_l * a_r * s_r
 
 
 @triton.jit
@@ -95,7 +104,7 @@ def _scan_fwd_kernel(
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_ob, s_od, s_ol,
     s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr,
+    HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, SAVE_T: tl.constexpr,
     T: tl.constexpr, NS: tl.constexpr, NL: tl.constexpr, DS: tl.constexpr, DLW: tl.constexpr,
 ):
     pid_d = tl.program_id(0)
@@ -150,8 +159,9 @@ def _scan_fwd_kernel(
         if HAS_Z:
             nx_z = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + tn * s_zl, mask=mn_d, other=0.0)
 
+        SUB: tl.constexpr = T // SAVE_T                               # saved states per chunk (backward's T)
         if SAVE_STATES:
-            tl.store(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d4 * N + n4, h, mask=dn_ok)
+            tl.store(hs_ptr + ((pid_b * n_chunks + c) * SUB) * Dm * N + d4 * N + n4, h, mask=dn_ok)
         t = c * T + t3
         m_d = d_ok & (t < L)                                          # [T, DS, DLW]
         dt, _ = _delta_from_raw(raw_in, bias, m_d, HAS_BIAS, SOFTPLUS)
@@ -166,6 +176,10 @@ def _scan_fwd_kernel(
         # Σ_n: the in-thread axis NS first, then the NL lanes (the other order costs a layout conversion)
         y = tl.sum(tl.sum(hh * Ct[:, :, None, None, :], axis=1), axis=3)           # ⟨h_t, C_t⟩  [T, DS, DLW]
         h = tl.sum(tl.where(ti == T - 1, hh, -0.0), axis=0)     # −0.0: x + (−0.0) = x folds away
+        if SAVE_STATES:
+            for k in tl.static_range(1, SUB):                         # states entering the later sub-chunks
+                hk = tl.sum(tl.where(ti == k * SAVE_T - 1, hh, -0.0), axis=0)
+                tl.store(hs_ptr + ((pid_b * n_chunks + c) * SUB + k) * Dm * N + d4 * N + n4, hk, mask=dn_ok)
 
         if HAS_D:
             y += Dv * u
@@ -187,7 +201,7 @@ def _scan_bwd_kernel(
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
     s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHT: tl.constexpr,
+    HAS_DHT: tl.constexpr, SHIFTED_A: tl.constexpr,
     T: tl.constexpr, NS: tl.constexpr, NL: tl.constexpr, DS: tl.constexpr, DLW: tl.constexpr,
 ):
     """Gradients; du, dδ, dz have the layout of u ([batch, D, L], contiguous); dB, dC are fp32 [batch, N, L]
@@ -228,7 +242,10 @@ def _scan_bwd_kernel(
     m_n = (n3 < N) & (tn < L)
     m_x = d_ok & (tn + 1 < L) & (t3 < T - 1)
     nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=m_d, other=0.0)
-    nx_rawx = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + (tn + 1) * s_dl, mask=m_x, other=0.0)
+    if SHIFTED_A:
+        nx_rawx = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + (tn + 1) * s_dl, mask=m_x, other=0.0)
+    else:
+        nx_rawx = nx_raw
     nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=m_d, other=0.0)
     nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=m_n, other=0.0)
     nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=m_n, other=0.0)
@@ -247,7 +264,10 @@ def _scan_bwd_kernel(
         mn_n = (n3 < N) & (tn < L) & (tn >= 0)
         mn_x = d_ok & (tn + 1 < L) & (t3 < T - 1) & (tn >= 0)
         nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=mn_d, other=0.0)
-        nx_rawx = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + (tn + 1) * s_dl, mask=mn_x, other=0.0)
+        if SHIFTED_A:
+            nx_rawx = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + (tn + 1) * s_dl, mask=mn_x, other=0.0)
+        else:
+            nx_rawx = nx_raw
         nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=mn_d, other=0.0)
         nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=mn_n, other=0.0)
         nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=mn_n, other=0.0)
@@ -261,8 +281,6 @@ def _scan_bwd_kernel(
         m_n = (n3 < N) & (t < L)
         io_offs = d3 * s_ud + t * s_ul
         dt, draw = _delta_from_raw(raw_in, bias, m_d, HAS_BIAS, SOFTPLUS)
-        # δ one step ahead inside the chunk (0 at the chunk's last step: the carry stands for what follows)
-        dt_next, _ = _delta_from_raw(rawx_in, bias, d_ok & (t + 1 < L) & (t3 < T - 1), HAS_BIAS, SOFTPLUS)
         u = u_in.to(tl.float32)
         Bt = B_in.to(tl.float32)
         Ct = C_in.to(tl.float32)
@@ -291,10 +309,18 @@ def _scan_bwd_kernel(
             dy = dout
 
         # adjoint: g_t = a_{t+1} g_{t+1} + C_t dy_t, the carry folded into the chunk's last step
-        a_next = tl.exp2(dt_next[:, None, :, :, None] * A2)
         cdy = C5 * dy[:, None, :, :, None]
         cdy = tl.where(ti == T - 1, cdy + carry[None], cdy)
-        _, g = tl.associative_scan((a_next, cdy), 0, _affine_combine, reverse=True)
+        if SHIFTED_A:
+            # a_{t+1} recomputed from δ loaded one step ahead (0 at the chunk's last step: the carry stands for
+            # what follows)
+            dt_next, _ = _delta_from_raw(rawx_in, bias, d_ok & (t + 1 < L) & (t3 < T - 1), HAS_BIAS, SOFTPLUS)
+            a_next = tl.exp2(dt_next[:, None, :, :, None] * A2)
+            _, g = tl.associative_scan((a_next, cdy), 0, _affine_combine, reverse=True)
+        else:
+            # the same recurrence on the unshifted a_t (segment monoid): no second exp2, no δ look-ahead load
+            _, _, g = tl.associative_scan((a, tl.full(a.shape, 1.0, tl.float32), cdy), 0, _adjoint_combine,
+                                          reverse=True)
         carry = tl.sum(tl.where(ti == 0, a * g, -0.0), axis=0)       # ∂ℓ/∂h_{t0−1} (−0.0 folds away)
 
         hb = hh - b                                                   # a_t h_{t−1}
@@ -338,11 +364,19 @@ def _scan_bwd_kernel(
 class ScanConfig:
     """Tile of one program: T steps per chunk; N = NS (in-thread) × NL (lanes); BD = DS (in-thread) × DLW."""
 
-    def __init__(self, T: int, NS: int, DS: int, num_warps: int):
+    def __init__(self, T: int, NS: int, DS: int, num_warps: int, shifted_a: bool = False,
+                 maxnreg: int | None = None):
         self.T, self.NS, self.DS, self.num_warps = T, NS, DS, num_warps
+        # backward only: shifted_a = the adjoint scan on a_{t+1} recomputed from δ loaded one step ahead (the
+        # first version); False = the segment-monoid scan on a_t. maxnreg caps registers per thread (occupancy).
+        self.shifted_a, self.maxnreg = shifted_a, maxnreg
 
     def __repr__(self) -> str:
-        return f"ScanConfig(T={self.T}, NS={self.NS}, DS={self.DS}, num_warps={self.num_warps})"
+        extra = (", shifted_a=True" if self.shifted_a else "") + (f", maxnreg={self.maxnreg}" if self.maxnreg else "")
+        return f"ScanConfig(T={self.T}, NS={self.NS}, DS={self.DS}, num_warps={self.num_warps}{extra})"
+
+    def launch_options(self) -> dict:
+        return {"maxnreg": self.maxnreg} if self.maxnreg and not _interpreting() else {}
 
     def meta(self, N: int, Dm: int) -> dict:
         NP = triton.next_power_of_2(N)
@@ -362,7 +396,9 @@ def default_configs(N: int) -> tuple[ScanConfig, ScanConfig]:
         return ScanConfig(8, 2, 1, 1), ScanConfig(8, 2, 1, 1)
     # measured on an H100 (bench/bench_scan.py --sweep, 8×2048×2048×16 bf16): one-warp programs avoid the cross-warp
     # steps of the channel sums and of the layout conversions; the forward likes NS=8 (one shuffle level for y).
-    # With these: forward 0.514 ms, forward+backward 3.42 ms (upstream CUDA: 0.595 / 3.03 ms).
+    # With these: forward 0.514 ms, forward+backward 3.11 ms (upstream CUDA: 0.595 / 3.03 ms). BWD_VARIANTS "t4_ds2"
+    # (backward T=4, DS=2; the forward then saves twice the states) measured 3.04 ms (forward 0.571 ms) in the same
+    # run — not the default: 2x the saved-state memory for 2%.
     return ScanConfig(8, 8, 1, 1), ScanConfig(8, 4, 1, 1)
 
 
@@ -374,7 +410,31 @@ SWEEP_TILES = {
     4: ([(8, 1, 1), (16, 1, 1), (8, 2, 1)], [(4, 2, 1), (4, 1, 1), (8, 1, 1)]),
 }
 
+# Backward variants the benchmark times side by side (bench/bench_scan.py --bwd-variants) and the GPU tests check:
+# name -> (forward ScanConfig args, backward ScanConfig args). A backward T below the forward's makes the forward
+# save one state per backward chunk.
+BWD_VARIANTS = {
+    "t8_shifted_a": ((8, 8, 1, 1), (8, 4, 1, 1, True)),          # the first version (δ look-ahead, 2nd exp2)
+    "t8": ((8, 8, 1, 1), (8, 4, 1, 1)),
+    "t8_reg192": ((8, 8, 1, 1), (8, 4, 1, 1, False, 192)),
+    "t8_reg168": ((8, 8, 1, 1), (8, 4, 1, 1, False, 168)),
+    "t4": ((8, 8, 1, 1), (4, 4, 1, 1)),
+    "t4_reg128": ((8, 8, 1, 1), (4, 4, 1, 1, False, 128)),
+    "t4_ds2": ((8, 8, 1, 1), (4, 4, 2, 1)),
+    "t4_ds2_reg168": ((8, 8, 1, 1), (4, 4, 2, 1, False, 168)),
+}
+
 _CONFIG_OVERRIDE: dict[str, ScanConfig] = {}
+
+
+def _env_config(name: str) -> ScanConfig | None:
+    """MAMBA_SCAN_FWD / MAMBA_SCAN_BWD = "T,NS,DS,num_warps[,shifted_a(0/1)[,maxnreg]]" pins a tile (benchmarks,
+    running the test-suite on a candidate tile)."""
+    spec = os.environ.get(name, "").strip()
+    if not spec:
+        return None
+    v = [int(x) for x in spec.split(",")]
+    return ScanConfig(*v[:4], *([bool(v[4])] if len(v) > 4 else []), *v[5:6])
 
 
 def set_configs(fwd: ScanConfig | None = None, bwd: ScanConfig | None = None) -> None:
@@ -388,6 +448,7 @@ def set_configs(fwd: ScanConfig | None = None, bwd: ScanConfig | None = None) ->
 
 def _configs(N: int) -> tuple[ScanConfig, ScanConfig]:
     f, b = default_configs(N)
+    f, b = _env_config("MAMBA_SCAN_FWD") or f, _env_config("MAMBA_SCAN_BWD") or b
     return _CONFIG_OVERRIDE.get("fwd", f), _CONFIG_OVERRIDE.get("bwd", b)
 
 
@@ -424,13 +485,18 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
 
 def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, save_states):
     batch, Dm, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    cfg, _ = _configs(N)
+    cfg, bcfg = _configs(N)
     meta = cfg.meta(N, Dm)
     T = meta["T"]
+    # the backward's chunks may be shorter (T_bwd | T): the forward then saves a state per backward chunk
+    save_T = bcfg.T if save_states else T
+    if T % save_T:
+        raise RuntimeError(f"backward tile T={save_T} does not divide the forward's T={T}")
     n_chunks = max(1, triton.cdiv(L, T))
     out = torch.empty_like(u)
     hT = torch.empty(batch, Dm, N, device=u.device, dtype=torch.float32)
-    hs = (torch.empty(batch, n_chunks, Dm, N, device=u.device, dtype=torch.float32) if save_states else hT)
+    hs = (torch.empty(batch, n_chunks * (T // save_T), Dm, N, device=u.device, dtype=torch.float32)
+          if save_states else hT)
     zz = z if z is not None else u
     grid = (triton.cdiv(Dm, meta["DS"] * meta["DLW"]), batch)
     _scan_fwd_kernel[grid](
@@ -440,8 +506,8 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, save_states):
         *u.stride(), *delta.stride(), *zz.stride(), *out.stride(),
         *A.stride(), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        HAS_H0=h0 is not None, SAVE_STATES=save_states, num_warps=cfg.num_warps, **meta)
-    return out, hT, (hs if save_states else None), T
+        HAS_H0=h0 is not None, SAVE_STATES=save_states, SAVE_T=save_T, num_warps=cfg.num_warps, **meta)
+    return out, hT, (hs if save_states else None), save_T
 
 
 def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, hs, T_fwd, dout, dhT):
@@ -473,7 +539,7 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, hs, T_fwd, dout, dhT):
         *u.stride(), *delta.stride(), *zz.stride(), *dout.stride(),
         *A.stride(), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        HAS_DHT=dhT is not None, num_warps=cfg.num_warps, **meta)
+        HAS_DHT=dhT is not None, SHIFTED_A=cfg.shifted_a, num_warps=cfg.num_warps, **cfg.launch_options(), **meta)
     return du, ddelta, dA.sum(0), dB, dC, (dD.sum(0) if dD is not None else None), dz, \
         (dbias.sum(0) if dbias is not None else None), dh0
 
