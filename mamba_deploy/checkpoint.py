@@ -38,6 +38,7 @@ class CheckpointInfo:
     config_format: str    # dialect of config.json: "state-spaces" or "hf"
     weights_file: str     # which file of WEIGHT_FILES was found
     weight_format: str    # key naming of the weights: "state-spaces" or "hf"
+    stored_shapes: dict[str, tuple[int, ...]]  # every stored tensor name → shape, read from the file headers
 
 
 # ---- locating ------------------------------------------------------------------------------------------------
@@ -83,9 +84,9 @@ def inspect(ref: str | os.PathLike) -> CheckpointInfo:
     weights_file = next((f for f in WEIGHT_FILES if (path / f).exists()), None)
     if weights_file is None:
         raise UserError(f"{path} has a config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})")
-    names = {name for name, _ in _iter_tensors(path / weights_file, shapes_only=True)}
-    weight_format = HF if HF_EMBED in names else STATE_SPACES
-    return CheckpointInfo(str(ref), path, config, dialect, weights_file, weight_format)
+    shapes = dict(_iter_tensors(path / weights_file, shapes_only=True))
+    weight_format = HF if HF_EMBED in shapes else STATE_SPACES
+    return CheckpointInfo(str(ref), path, config, dialect, weights_file, weight_format, shapes)
 
 
 # ---- reading tensors -------------------------------------------------------------------------------------------
@@ -155,10 +156,10 @@ def _listing(label: str, items: list[str]) -> str:
 
 
 def verify_weights(info: CheckpointInfo) -> None:
-    """Compare the stored names and shapes with what the config needs (reads headers, not the weights). Raises a
+    """Compare the stored names and shapes (read once by ``inspect``) with what the config needs. Raises a
     UserError listing every missing, unexpected or mis-shaped key."""
     want = expected_shapes(info.config)
-    found = {_to_model_key(k): (k, shape) for k, shape in _iter_tensors(info.path / info.weights_file, True)}
+    found = {_to_model_key(k): (k, shape) for k, shape in info.stored_shapes.items()}
     tied_head = found.pop("lm_head.weight", None) if info.config.tie_embeddings else None
     missing = [k for k in want if k not in found]
     unexpected = [name for k, (name, _) in found.items() if k not in want]
