@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from mamba_deploy.io import write_json  # noqa: E402
 from mamba_deploy.ops import triton_scan  # noqa: E402
 from mamba_deploy.ops.selective_scan import selective_scan_chunked  # noqa: E402
 from mamba_deploy.ops.triton_scan import ScanConfig, selective_scan_triton  # noqa: E402
@@ -191,10 +192,7 @@ def main(argv=None):
            "upstream_cuda_h100_ms": UPSTREAM_H100_MS, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def save():
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, args.json)
+        write_json(args.json, res, indent=1)
 
     res["hbm_copy_GBps"] = hbm_bandwidth_gbs()
     fb = floor_bytes(args.batch, args.dim, args.seqlen, args.dstate, torch.finfo(DTYPES[args.dtype]).bits // 8)

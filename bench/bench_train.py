@@ -8,7 +8,6 @@ Writes medians over --steps timed steps (after --warmup), tokens/s, peak memory 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
@@ -16,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba_deploy.config import config_for_size
+from mamba_deploy.io import write_json
 from mamba_deploy.model import random_model
 
 
@@ -75,8 +75,7 @@ def main():
     if "triton" in by and "chunked" in by:
         results["speedup_triton_over_chunked"] = by["triton"]["tokens_per_s"] / by["chunked"]["tokens_per_s"]
         print(f"triton / chunked tokens/s: {results['speedup_triton_over_chunked']:.1f}x")
-    with open(a.json, "w") as f:
-        json.dump(results, f, indent=2)
+    write_json(a.json, results)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import platform
@@ -27,6 +26,7 @@ import torch
 
 from .config import MambaConfig
 from .errors import UserError
+from .io import atomic_write
 
 
 @dataclasses.dataclass
@@ -367,15 +367,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def write_json(report: dict, path: str | os.PathLike) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, path)
-    return path
-
-
 def plot_decode(report: dict, path: str | os.PathLike) -> Path:
     """Bar chart: decode ms/step per backend, grouped by batch, with each batch's floor as a line."""
     import matplotlib
@@ -413,10 +404,7 @@ def plot_decode(report: dict, path: str | os.PathLike) -> Path:
                  fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.stem + ".tmp" + path.suffix)
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    try:
+        return atomic_write(path, lambda p: fig.savefig(p, dpi=120))
+    finally:
+        plt.close(fig)

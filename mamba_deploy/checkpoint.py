@@ -14,8 +14,6 @@ import dataclasses
 import json
 import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -23,6 +21,7 @@ import torch
 
 from .config import HF, STATE_SPACES, MambaConfig, read_config
 from .errors import UserError
+from .io import atomic_directory
 from .model import MambaLM
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
@@ -207,7 +206,7 @@ def save_model(model: MambaLM, out_dir: str | os.PathLike, fmt: str = STATE_SPAC
     if fmt not in (STATE_SPACES, HF):
         raise UserError(f"unknown checkpoint format '{fmt}'; choose state-spaces or hf")
     out = Path(out_dir)
-    with atomic_directory(out, force=force) as tmp:
+    with atomic_directory(out, force=force, is_ours=is_our_checkpoint, what="checkpoint", option="--out") as tmp:
         cfg = model.config.to_state_spaces_json() if fmt == STATE_SPACES else model.config.to_hf_json()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -219,38 +218,26 @@ def save_model(model: MambaLM, out_dir: str | os.PathLike, fmt: str = STATE_SPAC
             sd.pop("lm_head.weight") if safetensors else None  # torch.save keeps the tie; safetensors can't share
         if safetensors:
             from safetensors.torch import save_file
-            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", MARKER_KEY: MARKER_VALUE})
         else:
             torch.save(sd, tmp / "pytorch_model.bin")
     return out
 
 
-class atomic_directory:
-    """``with atomic_directory(out) as tmp:`` — write into ``tmp``; it becomes ``out`` only if the block succeeds.
-    An existing ``out`` is refused unless ``force`` (then replaced in one rename after the new one is complete)."""
+MARKER_KEY, MARKER_VALUE = "written_by", "mamba-deploy"   # in model.safetensors' metadata
 
-    def __init__(self, out: Path, force: bool = False):
-        self.out = Path(out)
-        self.force = force
 
-    def __enter__(self) -> Path:
-        if self.out.exists() and not self.force:
-            raise UserError(f"{self.out} already exists; pass --force to overwrite it")
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        old = None
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old.{os.getpid()}")
-            self.out.rename(old)
-        self.tmp.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+def is_our_checkpoint(path: Path) -> bool:
+    """Whether ``path`` is a checkpoint that ``save_model`` wrote (the marker in model.safetensors' metadata), so
+    ``--force`` may replace it."""
+    file = Path(path) / "model.safetensors"
+    if not file.is_file():
+        return False
+    try:
+        from safetensors import safe_open
+        with safe_open(str(file), framework="pt") as f:
+            return (f.metadata() or {}).get(MARKER_KEY) == MARKER_VALUE
+    except Exception:  # unreadable header: not something we can vouch for
         return False
 
 

@@ -15,17 +15,15 @@ outputs (``logits``, ``conv_state_out.i``, ``ssm_state_out.i`` — the artifact'
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
 import shlex
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import UserError
+from .io import atomic_write
 from .model import MambaState
 from .onnx.contract import STEP_GRAPH, conv_state_name, ssm_state_name
 
@@ -197,8 +195,8 @@ def save_step0(out_dir: Path, step0: dict, state_dtype=None) -> dict:
     results = RunResults()
     results.add([step0["outputs"]], runner_name=REFERENCE)
     with G_LOGGER.verbosity(G_LOGGER.ERROR):
-        _atomic(inputs_path, lambda p: save_json([feed], str(p), description="step inputs"))
-        _atomic(outputs_path, lambda p: results.save(str(p)))
+        atomic_write(inputs_path, lambda p: save_json([feed], str(p), description="step inputs"))
+        atomic_write(outputs_path, lambda p: results.save(str(p)))
     return {"inputs": str(inputs_path), "reference_outputs": str(outputs_path)}
 
 
@@ -240,31 +238,6 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def _atomic(path: Path, write) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(report: dict, path: Path) -> None:
-    def clean(x):       # JSON has no inf/nan
-        if isinstance(x, float) and not math.isfinite(x):
-            return str(x)
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, list):
-            return [clean(v) for v in x]
-        return x
-    _atomic(path, lambda p: p.write_text(json.dumps(clean(report), indent=2) + "\n"))
-
-
 def write_plot(report: dict, path: Path) -> None:
     """Max abs error vs step per backend: logits solid, SSM state dashed, atol dotted."""
     import matplotlib
@@ -286,5 +259,5 @@ def write_plot(report: dict, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic(path, lambda p: fig.savefig(p, format="png"))
+    atomic_write(path, lambda p: fig.savefig(p, format="png"))
     plt.close(fig)

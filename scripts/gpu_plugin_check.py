@@ -10,13 +10,14 @@ Comparators: the Triton scan of mamba_deploy.ops (same machine, same inputs) and
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from mamba_deploy.io import write_json
 
 
 def bench_ms(fn) -> float:
@@ -102,7 +103,7 @@ def main():
         print(proc.stdout[-6000:], proc.stderr[-2000:], flush=True)
         rc = proc.returncode
     t = timings()
-    (args.out / "plugin_kernel_timings.json").write_text(json.dumps(t, indent=2))
+    write_json(args.out / "plugin_kernel_timings.json", t)
     sys.exit(rc)
 
 

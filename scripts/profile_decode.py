@@ -12,7 +12,6 @@ Run by scripts/gpu_bench.sh.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
@@ -20,6 +19,7 @@ import triton.testing
 
 from mamba_deploy.bench import decode_floor_bytes, measure_hbm_bandwidth, weight_bytes
 from mamba_deploy.config import config_for_size
+from mamba_deploy.io import write_json
 from mamba_deploy.model import random_model
 from mamba_deploy.ops import triton_decode as td
 from mamba_deploy.runtime.fast_session import FastSession
@@ -179,8 +179,7 @@ def main():
 
     def save():
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump(report, f, indent=1)
+            write_json(args.out, report, indent=1)
 
     report["decode"] = []
     cases = [(1, 16, False), (1, 16, True), (1, 0, True), (8, 16, True), (8, 0, True), (64, 0, True), (64, 64, True)]

@@ -62,7 +62,8 @@ def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen
     import torch
     from tqdm.auto import tqdm
 
-    from ..bench import format_table, load_source, plot_decode, run_bench, write_json
+    from ..bench import format_table, load_source, plot_decode, run_bench
+    from ..io import write_json
     from ..checkpoint import parse_dtype
     from ..errors import UserError
     from ..runtime.session import BACKENDS
@@ -94,9 +95,9 @@ def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen
     report = run_bench(source, names, batches, prompt_len, gen_len, dev, torch_dtype, reps=reps, warmup=warmup,
                        seed=seed, ort_options=ort_options,
                        progress=lambda it: tqdm(it, desc="batches", leave=False, unit="batch"), budget_s=budget_s,
-                       on_row=(lambda rep: write_json(rep, json_path)) if json_path else None)
+                       on_row=(lambda rep: write_json(json_path, rep)) if json_path else None)
     click.echo(format_table(report))
     if json_path:
-        click.echo(f"wrote {write_json(report, json_path)}", err=True)
+        click.echo(f"wrote {write_json(json_path, report)}", err=True)
     if plot_path:
         click.echo(f"wrote {plot_decode(report, plot_path)}", err=True)

@@ -53,8 +53,8 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
     from ..checkpoint import load_model
     from ..onnx.manifest import read_manifest
     from ..onnx.tolerances import DEFAULT_TOLERANCES
-    from ..parity import (format_table, polygraphy_command, run_check,
-                          write_json, write_plot)
+    from ..io import write_json
+    from ..parity import format_table, polygraphy_command, run_check, write_plot
     from ..runtime.session import check_backend_name, open_session
 
     for opt, value, low in (("--steps", steps, 0), ("--prompt-len", prompt_len, 1), ("--batch", batch, 1)):
@@ -107,7 +107,7 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
         report["polygraphy"]["command"] = cmd
     json_path = Path(json_path) if json_path else out / "report.json"
     plot_path = Path(plot_path) if plot_path else out / "errors.png"
-    write_json(report, json_path)
+    write_json(json_path, report)
     write_plot(report, plot_path)
 
     click.echo(format_table(report))

@@ -419,16 +419,19 @@ def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, a
            force: bool = False, progress=None) -> Path:
     """Load checkpoint ``ref`` (a local dir or hub id) and write its artifact to ``out_dir`` atomically
     (default ``export/<model-name>``). Refuses an existing ``out_dir`` unless ``force``."""
-    from ..checkpoint import atomic_directory, load_model, parse_dtype
+    from ..checkpoint import load_model, parse_dtype
+    from ..io import atomic_directory
+    from .manifest import is_our_artifact
 
     check_opset(opset)
     out = Path(out_dir) if out_dir is not None else Path("export") / model_name(str(ref))
-    if out.exists() and not force:
-        raise UserError(f"{out} already exists; pass --force to overwrite it")
     say = progress or (lambda msg: None)
     say(f"loading {ref}")
     model = load_model(ref, dtype=parse_dtype(dtype) if dtype else None, scan_backend="reference")
+    target = atomic_directory(out, force=force, is_ours=is_our_artifact, what="artifact", option="--out",
+                              inputs=[model.source.path])
+    target.check()  # before the long work
     source = source_ref(model, ref)
-    with atomic_directory(out, force=force) as tmp:
+    with target as tmp:
         write_artifact(model, tmp, opset=opset, all_logits=all_logits, source=source, progress=progress)
     return out

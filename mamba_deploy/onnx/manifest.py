@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import write_json
 from . import contract
 
 _REQUIRED = ("format_version", "exporter", "source", "config", "dims", "dtype", "onnx", "graphs", "files")
@@ -40,9 +41,17 @@ def write_manifest(artifact_dir: Path, manifest: dict) -> Path:
     artifact_dir = Path(artifact_dir)
     manifest = dict(manifest)
     manifest["files"] = {name: file_digest(artifact_dir / name) for name in manifest["files"]}
-    path = artifact_dir / contract.MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    return write_json(artifact_dir / contract.MANIFEST, manifest)
+
+
+def is_our_artifact(artifact_dir) -> bool:
+    """Whether ``artifact_dir`` holds a manifest this exporter wrote (any format version), so ``export --force``
+    may replace it."""
+    try:
+        manifest = json.loads((Path(artifact_dir) / contract.MANIFEST).read_text())
+        return manifest["exporter"]["name"] == contract.EXPORTER_NAME
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def read_manifest(artifact_dir, verify: bool = False) -> dict:

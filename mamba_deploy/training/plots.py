@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from ..io import atomic_write
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -70,9 +71,7 @@ def plot_curves(metrics_path: Path, out_png: Path, title: str = "") -> Path | No
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    out_png = Path(out_png)
-    tmp = out_png.with_name(f".{out_png.name}.{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, out_png)
-    return out_png
+    try:
+        return atomic_write(out_png, lambda p: fig.savefig(p, dpi=110))
+    finally:
+        plt.close(fig)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..checkpoint import load_model, save_model
 from ..errors import UserError
+from ..io import atomic_write, json_text, write_json
 from ..model import MambaLM, random_model
 from .config import TrainConfig
 from .data import IGNORE, make_task
@@ -158,12 +159,6 @@ def list_checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
 
 
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # ---- the trainer ---------------------------------------------------------------------------------------------------
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: Path, resume: bool = False, force: bool = False,
@@ -213,7 +208,7 @@ class Trainer:
     def _record(self, row: dict):
         if self.dist.main:
             with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(json_text(row, indent=None))
 
     def _prepare_out_dir(self, resume: bool, force: bool):
         if not self.dist.main:
@@ -229,7 +224,7 @@ class Trainer:
         if resume and not list_checkpoints(self.out):
             raise UserError(f"nothing to resume: {self.out / 'checkpoints'} has no complete checkpoint")
         self.out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(self.out / "config.toml", self.cfg.to_toml())
+        atomic_write(self.out / "config.toml", self.cfg.to_toml())
 
     def autocast(self):
         if self.precision == "bf16":
@@ -246,9 +241,7 @@ class Trainer:
                  "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                          "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
                  "config": self.cfg.to_dict(), "model_config": self.model_config.to_dict()}
-        tmp = path / ".trainer_state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, path / "trainer_state.pt")
+        atomic_write(path / "trainer_state.pt", lambda p: torch.save(state, p))
         keep = self.cfg.train.keep_checkpoints
         if keep:
             for old in list_checkpoints(self.out)[:-keep]:
@@ -277,7 +270,7 @@ class Trainer:
         if self.dist.main:  # drop metrics logged after this checkpoint (they will be produced again)
             from .plots import read_metrics
             rows = [r for r in read_metrics(self.out / "metrics.jsonl") if r.get("step", 0) <= self.step]
-            _atomic_write_text(self.out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            atomic_write(self.out / "metrics.jsonl", "".join(json_text(r, indent=None) for r in rows))
         self.log(f"resumed from {path} at step {self.step}")
 
     # -- evaluation ------------------------------------------------------------------------------------------------
@@ -419,7 +412,7 @@ class Trainer:
             summary["checkpoint"] = str(ckpt)
             plot_curves(self.out / "metrics.jsonl", self.out / "curves.png", cfg.name)
             summary["curves"] = str(self.out / "curves.png")
-            _atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+            write_json(self.out / "summary.json", summary)
             self.log(f"done: {self.step} steps in {train_seconds:.1f} s; checkpoint {ckpt}")
         if self.dist.enabled:
             torch.distributed.barrier()

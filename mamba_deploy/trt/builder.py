@@ -13,12 +13,11 @@ Engines are specific to the TensorRT flavor/version they were built with, and to
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import atomic_write, write_json
 from ..onnx import contract
 
 BUILD_REPORT = "build_report.json"
@@ -26,17 +25,6 @@ ENGINE_FILES = {"step": "step.engine", "prefill": "prefill.engine"}
 PLUGIN_LAYER_TYPE = "PLUGIN_V3"
 BATCH_DIMS = ("batch", "b", "batch_size")
 SEQ_DIMS = ("seq", "L", "seq_len", "sequence", "sequence_length")
-
-
-def _atomic_write(path: Path, data) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _logger(trt, verbose: bool):
@@ -200,7 +188,7 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
             raise RuntimeError(f"the {graph} network has {n_plugin} {PLUGIN_LAYER_TYPE} layers, expected one per "
                                f"Mamba layer ({n_layer}): the parser did not use the selective-scan plugin")
         engine_path = artifact / ENGINE_FILES[graph]
-        _atomic_write(engine_path, result["plan"])
+        atomic_write(engine_path, bytes(result["plan"]))
         report["profiles"][graph] = {name: {"min": r[0], "opt": r[1], "max": r[2]} for name, r in ranges.items()}
         report["engines"][graph] = {
             "file": engine_path.name, "plan_bytes": len(result["plan"]),
@@ -212,10 +200,10 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
         if graph not in graphs:
             (artifact / file).unlink(missing_ok=True)
     if cache is not None and timing_cache_file is not None:
-        _atomic_write(timing_cache_file, bytes(cache.serialize()))
+        atomic_write(timing_cache_file, bytes(cache.serialize()))
     report["plugins"] = [{"name": op, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE}
                          for op in contract.OPS] if use_plugin else []
-    _atomic_write(artifact / BUILD_REPORT, (json.dumps(report, indent=2) + "\n").encode())
+    write_json(artifact / BUILD_REPORT, report)
     return report
 
 

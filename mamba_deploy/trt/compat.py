@@ -41,10 +41,8 @@ def _ensure_rtx_unversioned_lib() -> None:
     if versioned is None or (libdir / RTX_LIB).exists():
         return
     try:
-        tmp = libdir / f".{RTX_LIB}.{os.getpid()}.tmp"
-        tmp.unlink(missing_ok=True)
-        tmp.symlink_to(versioned.name)
-        os.replace(tmp, libdir / RTX_LIB)
+        from ..io import atomic_write
+        atomic_write(libdir / RTX_LIB, lambda tmp: tmp.symlink_to(versioned.name))
         return
     except OSError:
         pass

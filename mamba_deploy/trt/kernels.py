@@ -24,10 +24,10 @@ import hashlib
 import os
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import atomic_write
 
 LIB_NAME = "libmamba_scan.so"
 SOURCES = ("selective_scan.cu", "selective_scan.h")
@@ -96,16 +96,15 @@ def build_library(out_dir: Path | None = None, archs=ARCHS, ptx_arch=PTX_ARCH, f
     if lib.is_file() and not force:
         return lib
     out_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".libmamba_scan.", suffix=".so", dir=out_dir)
-    os.close(fd)
-    cmd = nvcc_command(nvcc, src, Path(tmp), archs, ptx_arch)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        Path(tmp).unlink(missing_ok=True)
-        raise RuntimeError(f"nvcc failed ({proc.returncode}) building the selective-scan kernels:\n{' '.join(cmd)}\n"
-                           f"{proc.stderr[-4000:]}")
-    os.replace(tmp, lib)  # atomic: a concurrent process sees the old state or the whole library
-    return lib
+
+    def compile_to(tmp: Path) -> None:
+        cmd = nvcc_command(nvcc, src, tmp, archs, ptx_arch)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({proc.returncode}) building the selective-scan kernels:\n"
+                               f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
+
+    return atomic_write(lib, compile_to)  # a concurrent process sees the old state or the whole library
 
 
 def library_path() -> Path:
