@@ -7,7 +7,7 @@ from pathlib import Path
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-KERNEL_SOURCES = ("selective_scan.cu", "selective_scan.h")
+KERNEL_SOURCES = ("selective_scan.cu", "selective_scan.h", "ssd.cu", "ssd.h", "kernel_common.cuh")
 
 
 class BuildPyWithKernels(build_py):

@@ -10,27 +10,14 @@
 // Scan kernel: time runs sequentially; per chunk of TC steps the block stages B, C (shared by all its rows,
 // transposed to [t][n] so a group's lanes read consecutive banks) and the rows' x, δ, SiLU(z) in shared memory,
 // with coalesced loads along L, and writes y back through shared memory, coalesced.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <cstdint>
 
+#include "kernel_common.cuh"
 #include "selective_scan.h"
 
 namespace {
 
 constexpr int kThreads = 128;
-
-template <typename T> __device__ __forceinline__ float to_f32(T v);
-template <> __device__ __forceinline__ float to_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ float to_f32<__half>(__half v) { return __half2float(v); }
-template <> __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 struct Params {
     const void* x;
@@ -50,19 +37,9 @@ struct Params {
     float softplus_threshold;
 };
 
-// δ = softplus(v) with torch's threshold rule (v > threshold → v); log1p(exp(v)) is exact enough in fp32.
+// δ = softplus(v) with torch's threshold rule (v > threshold → v).
 __device__ __forceinline__ float discretize_delta(float v, const Params& p) {
-    if (!p.delta_softplus) return v;
-    return v > p.softplus_threshold ? v : log1pf(expf(v));
-}
-
-__device__ __forceinline__ float silu(float v) { return v / (1.f + expf(-v)); }
-
-template <int G>
-__device__ __forceinline__ float group_sum(float v) {
-#pragma unroll
-    for (int offset = G / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset, G);
-    return v;
+    return p.delta_softplus ? softplus(v, p.softplus_threshold) : v;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

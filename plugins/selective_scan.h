@@ -27,7 +27,7 @@
 extern "C" {
 #endif
 
-#define MAMBA_SCAN_ABI_VERSION 1
+#define MAMBA_SCAN_ABI_VERSION 2  /* 2: the library also holds the Mamba-2 kernels of ssd.h */
 #define MAMBA_SCAN_MAX_DSTATE 256
 
 enum mamba_scan_dtype { MAMBA_SCAN_F32 = 0, MAMBA_SCAN_F16 = 1, MAMBA_SCAN_BF16 = 2 };

@@ -112,6 +112,7 @@ INTERP_CASES = [
     (37, 4, 8, 4, 5, "channel", True, False, True, (0.15, 0.45), 16, "fp32"),        # clamp binds both sides
     (32, 2, 4, 1, 8, "head", False, True, False, (0.0, math.inf), 16, "fp32"),       # no softplus (dt = |..|)
     (70, 2, 4, 1, 6, "head", True, True, True, (0.0, math.inf), 32, "fp32"),         # chunk 32
+    (45, 2, 20, 1, 40, "head", True, True, True, (0.0, math.inf), 16, "fp32"),       # 2 d_state blocks of 32
     (29, 4, 8, 2, 16, "head", True, True, True, (0.0, math.inf), 16, "bf16"),
     (29, 4, 8, 2, 16, "channel", True, True, True, (0.0, math.inf), 16, "fp16"),
 ]

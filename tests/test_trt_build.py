@@ -182,6 +182,7 @@ def test_nvcc_command_targets_all_archs(tmp_path):
     assert "arch=compute_90,code=compute_90" in cmd  # PTX for newer GPUs
 
 
+@pytest.mark.slow  # two kernel files for five architectures + PTX: about a minute of nvcc on two cores
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: cannot compile the plugin kernels")
 def test_nvcc_compiles_kernels_for_all_archs(tmp_path):
     import ctypes
@@ -198,6 +199,16 @@ def test_nvcc_compiles_kernels_for_all_archs(tmp_path):
                                   None) == 1
     assert c.mamba_selective_scan(*args, i64(0), i64(4), i64(3), i32(16), i32(0), i32(1), ctypes.c_float(20.0),
                                   None) == 0
+    # the Mamba-2 kernels (ssd.h) are in the same library, with the same early validation
+    c.mamba2_ssd_scan.restype = ctypes.c_int
+    f32 = ctypes.c_float
+    tail = (i32(0), i32(1), f32(0.0), f32(float("inf")), None)    # dtype, dt_softplus, dt_min, dt_max, stream
+    ssd = [None] * 10
+    assert c.mamba2_ssd_scan(*ssd, i64(1), i64(3), i32(4), i32(8), i32(1), i32(0), i32(0), *tail) == 1   # d_state 0
+    assert c.mamba2_ssd_scan(*ssd, i64(1), i64(3), i32(4), i32(8), i32(3), i32(16), i32(0), *tail) == 1  # 3 ∤ 4
+    assert c.mamba2_ssd_scan(*ssd, i64(0), i64(3), i32(4), i32(8), i32(1), i32(16), i32(0), *tail) == 0  # empty
+    c.mamba2_ssd_step.restype = ctypes.c_int
+    assert c.mamba2_ssd_step(*ssd, i64(1), i32(4), i32(8), i32(1), i32(16), i32(0), i32(7), *tail[1:]) == 1  # dtype
 
 
 def test_missing_nvcc_is_one_clear_error(monkeypatch, tmp_path):

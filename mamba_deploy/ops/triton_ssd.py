@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -99,9 +100,15 @@ def _dt_from_raw(raw, bias, dt_min, dt_max, HAS_BIAS: tl.constexpr, SOFTPLUS: tl
     return tl.minimum(tl.maximum(sp, dt_min), dt_max), v, tl.where(inside, deriv, 0.0)
 
 
+def _no_spec(*names):
+    """Size arguments compiled as runtime values (one compiled variant per tile/dtype/flags, whatever the sizes);
+    the interpreter takes no such list."""
+    return dict(do_not_specialize=[] if _interpreting() else list(names))
+
+
 # ----------------------------------------------------------------------------------------------- forward kernels
 
-@triton.jit
+@triton.jit(**_no_spec("L", "H", "n_chunks"))
 def _dt_cumsum_kernel(dt_ptr, A_ptr, bias_ptr, dt_out_ptr, acs_ptr, L, H, n_chunks, dt_min, dt_max,
                       HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, Q: tl.constexpr, BH: tl.constexpr):
     """dt (after bias, softplus, clamp; 0 past L) and a = cumsum(dt·A) within each chunk, both [b, H, n_chunks, Q]."""
@@ -126,7 +133,7 @@ def _dt_cumsum_kernel(dt_ptr, A_ptr, bias_ptr, dt_out_ptr, acs_ptr, L, H, n_chun
     tl.store(acs_ptr + offs, acs, mask=h_ok)
 
 
-@triton.jit
+@triton.jit(**_no_spec("L", "H", "G", "P", "N", "n_chunks"))
 def _chunk_state_kernel(X_ptr, Y_ptr, dt_ptr, acs_ptr, out_ptr, L, H, G, P, N, n_chunks,
                         MODE: tl.constexpr, IEEE: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
     """out[b, c, h] = Σ_i w_i·X_i ⊗ Y_i ([P, N], fp32) over chunk c; X [b, L, H, P], Y [b, L, G, N].
@@ -161,7 +168,7 @@ def _chunk_state_kernel(X_ptr, Y_ptr, dt_ptr, acs_ptr, out_ptr, L, H, G, P, N, n
     tl.store(out, acc, mask=(p[:, None] < P) & (n[None, :] < N))
 
 
-@triton.jit
+@triton.jit(**_no_spec("PN", "H", "n_chunks"))
 def _state_passing_fwd_kernel(st_ptr, acs_ptr, h0_ptr, hT_ptr, PN, H, n_chunks,
                               HAS_H0: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr):
     """In place over st [b, n_chunks, H, P·N]: chunk state S_c in, state entering chunk c (H_c) out; final state."""
@@ -183,11 +190,12 @@ def _state_passing_fwd_kernel(st_ptr, acs_ptr, h0_ptr, hT_ptr, PN, H, n_chunks,
     tl.store(hT_ptr + (b * H + h) * PN + offs, s, mask=m)
 
 
-@triton.jit
+@triton.jit(**_no_spec("L", "H", "G", "P", "N", "n_chunks"))
 def _chunk_scan_fwd_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, acs_ptr, D_ptr, hin_ptr, y_ptr, L, H, G, P, N, n_chunks,
                            HAS_D: tl.constexpr, D_PER_P: tl.constexpr, IEEE: tl.constexpr,
-                           Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-    """y for one chunk, one head, BP head channels: intra-chunk (C·Bᵀ ⊙ decay)·(dt·x), entering state, D·x."""
+                           Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y for one chunk, one head, BP head channels: intra-chunk (C·Bᵀ ⊙ decay)·(dt·x), entering state, D·x.
+    d_state is walked in blocks of BK (C·Bᵀ and exp(a)·C·H_cᵀ accumulate), so few tiles are live at once."""
     p = tl.program_id(0) * BP + tl.arange(0, BP)
     pid_bc = tl.program_id(1)
     h = tl.program_id(2)
@@ -197,25 +205,29 @@ def _chunk_scan_fwd_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, acs_ptr, D_ptr, hin_ptr,
     i = tl.arange(0, Q)
     t = c * Q + i
     t_ok = t < L
-    n = tl.arange(0, BN)
     p_ok = p < P
-    n_ok = n < N
     row = ((b * H + h) * n_chunks + c) * Q
     acs = tl.load(acs_ptr + row + i)
     dt = tl.load(dt_ptr + row + i)
-    bc_offs = ((b * L + t[:, None]) * G + g) * N + n[None, :]
-    bc_mask = t_ok[:, None] & n_ok[None, :]
-    Cc = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)                                   # [Q, BN]
-    Bc = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)
+    scale = tl.exp(acs)[:, None]
+    CB = tl.zeros([Q, Q], dtype=tl.float32)
+    acc = tl.zeros([Q, BP], dtype=tl.float32)
+    for k0 in range(0, BN, BK):
+        n = k0 + tl.arange(0, BK)
+        n_ok = n < N
+        bc_offs = ((b * L + t[:, None]) * G + g) * N + n[None, :]
+        bc_mask = t_ok[:, None] & n_ok[None, :]
+        Ck = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)                               # [Q, BK]
+        Bk = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)
+        CB += _dot(Ck, tl.trans(Bk), IEEE)
+        hinT = tl.load(hin_ptr + (((b * n_chunks + c) * H + h) * P + p[None, :]) * N + n[:, None],
+                       mask=n_ok[:, None] & p_ok[None, :], other=0.0)                        # [BK, BP] fp32
+        acc += _dot(Ck.to(tl.float32) * scale, hinT, IEEE)
     xs = tl.load(x_ptr + ((b * L + t[:, None]) * H + h) * P + p[None, :],
                  mask=t_ok[:, None] & p_ok[None, :], other=0.0)                              # [Q, BP]
-    CB = _dot(Cc, tl.trans(Bc), IEEE)                                                        # [Q, Q]
     seg = tl.where(i[:, None] >= i[None, :], acs[:, None] - acs[None, :], float("-inf"))
     M = CB * tl.exp(seg) * dt[None, :]
-    acc = _dot(M.to(xs.dtype), xs, IEEE)
-    hinT = tl.load(hin_ptr + (((b * n_chunks + c) * H + h) * P + p[None, :]) * N + n[:, None],
-                   mask=n_ok[:, None] & p_ok[None, :], other=0.0)                            # [BN, BP] fp32
-    acc += tl.exp(acs)[:, None] * _dot(Cc.to(tl.float32), hinT, IEEE)
+    acc += _dot(M.to(xs.dtype), xs, IEEE)
     if HAS_D:
         if D_PER_P:
             Dv = tl.load(D_ptr + h * P + p, mask=p_ok, other=0.0).to(tl.float32)
@@ -228,7 +240,7 @@ def _chunk_scan_fwd_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, acs_ptr, D_ptr, hin_ptr,
 
 # ----------------------------------------------------------------------------------------------- backward kernels
 
-@triton.jit
+@triton.jit(**_no_spec("batch", "PN", "H", "n_chunks"))
 def _state_passing_bwd_kernel(e_ptr, hin_ptr, acs_ptr, dhT_ptr, dh0_ptr, dlast_ptr, batch, PN, H, n_chunks,
                               HAS_DHT: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr):
     """Reverse pass over chunks, in place over e [b, n_chunks, H, P·N]: local adjoint E_c in, ∂ℓ/∂S_c = G_{c+1}
@@ -254,15 +266,16 @@ def _state_passing_bwd_kernel(e_ptr, hin_ptr, acs_ptr, dhT_ptr, dh0_ptr, dlast_p
     tl.store(dh0_ptr + (b * H + h) * PN + offs, gr, mask=m)
 
 
-@triton.jit
+@triton.jit(**_no_spec("L", "H", "G", "P", "N", "n_chunks"))
 def _chunk_bwd_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, dtraw_ptr, bias_ptr, A_ptr, D_ptr, dt_ptr, acs_ptr,
                       hin_ptr, dst_ptr, dlast_ptr,
                       dx_ptr, ddt_ptr, dB_ptr, dC_ptr, dA_ptr, dbias_ptr, dD_ptr,
                       L, H, G, P, N, n_chunks, dt_min, dt_max,
                       HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-                      IEEE: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr):
-    """Every gradient of one chunk and head (whole P and N): ∂x, ∂dt_raw, per-head ∂B and ∂C [b, L, H, N] fp32,
-    and the per-(batch, chunk) partial sums of ∂A, ∂dt_bias [b, n_chunks, H] and ∂D [b, n_chunks, H, P]."""
+                      IEEE: tl.constexpr, Q: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Every gradient of one chunk and head (whole P; d_state in blocks of BK): ∂x, ∂dt_raw, per-head ∂B and ∂C
+    [b, L, H, N] fp32, and the per-(batch, chunk) partial sums of ∂A, ∂dt_bias [b, n_chunks, H] and
+    ∂D [b, n_chunks, H(, P)]."""
     pid_bc = tl.program_id(0)
     h = tl.program_id(1)
     b = (pid_bc // n_chunks).to(tl.int64)
@@ -272,41 +285,62 @@ def _chunk_bwd_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, dtraw_ptr, bias_ptr, A_ptr, D
     t = c * Q + i
     t_ok = t < L
     p = tl.arange(0, BP)
-    n = tl.arange(0, BN)
     p_ok = p < P
-    n_ok = n < N
     row = ((b * H + h) * n_chunks + c) * Q
     acs = tl.load(acs_ptr + row + i)
     dt = tl.load(dt_ptr + row + i)
     last = tl.load(acs_ptr + row + Q - 1)
+    r = tl.exp(last - acs)
+    rdt = r * dt
+    ea = tl.exp(acs)
+    state_base = ((b * n_chunks + c) * H + h) * P * N
+
+    # pass 1 over d_state: C·Bᵀ
+    CB = tl.zeros([Q, Q], dtype=tl.float32)
+    for k0 in range(0, BN, BK):
+        n = k0 + tl.arange(0, BK)
+        bc_offs = ((b * L + t[:, None]) * G + g) * N + n[None, :]
+        bc_mask = t_ok[:, None] & (n[None, :] < N)
+        CB += _dot(tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0),
+                   tl.trans(tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)), IEEE)
 
     xp_offs = ((b * L + t[:, None]) * H + h) * P + p[None, :]
     xp_mask = t_ok[:, None] & p_ok[None, :]
     xs = tl.load(x_ptr + xp_offs, mask=xp_mask, other=0.0)                                  # [Q, BP]
     dys = tl.load(dy_ptr + xp_offs, mask=xp_mask, other=0.0)
-    bc_offs = ((b * L + t[:, None]) * G + g) * N + n[None, :]
-    bc_mask = t_ok[:, None] & n_ok[None, :]
-    Bc = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)                                  # [Q, BN]
-    Cc = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)
-    st_offs = (((b * n_chunks + c) * H + h) * P + p[:, None]) * N + n[None, :]
-    st_mask = p_ok[:, None] & n_ok[None, :]
-    hin = tl.load(hin_ptr + st_offs, mask=st_mask, other=0.0)                               # [BP, BN] fp32
-    dst = tl.load(dst_ptr + st_offs, mask=st_mask, other=0.0)
-
-    causal = i[:, None] >= i[None, :]
-    decay = tl.exp(tl.where(causal, acs[:, None] - acs[None, :], float("-inf")))           # [Q(i), Q(j)]
-    CB = _dot(Cc, tl.trans(Bc), IEEE)
-    DYX = _dot(dys, tl.trans(xs), IEEE)
+    decay = tl.exp(tl.where(i[:, None] >= i[None, :], acs[:, None] - acs[None, :], float("-inf")))
+    DYX = _dot(dys, tl.trans(xs), IEEE)                                                       # [Q(i), Q(j)]
     CBd = CB * decay
     W0 = CBd * DYX                                  # W_ij / dt_j
-    K = decay * DYX * dt[None, :]
-    r = tl.exp(last - acs)
-    rdt = r * dt
+    W = W0 * dt[None, :]
+    ddt = tl.sum(W0, axis=0)
+    da = tl.sum(W, axis=1) - tl.sum(W, axis=0)
+    dx = dt[:, None] * _dot(tl.trans(CBd).to(dys.dtype), dys, IEEE)
+    K = (decay * DYX * dt[None, :]).to(dys.dtype)
     xf = xs.to(tl.float32)
     dyf = dys.to(tl.float32)
 
-    SB = _dot(Bc.to(tl.float32), tl.trans(dst), IEEE)                                       # [Q, BP]: S'·B_j
-    dx = dt[:, None] * _dot(tl.trans(CBd).to(dys.dtype), dys, IEEE) + rdt[:, None] * SB
+    # pass 2 over d_state: ∂B, ∂C per block; S'·B_j and H_c·C_i accumulate
+    SB = tl.zeros([Q, BP], dtype=tl.float32)
+    HC = tl.zeros([Q, BP], dtype=tl.float32)
+    for k0 in range(0, BN, BK):
+        n = k0 + tl.arange(0, BK)
+        n_ok = n < N
+        bc_offs = ((b * L + t[:, None]) * G + g) * N + n[None, :]
+        bc_mask = t_ok[:, None] & n_ok[None, :]
+        Bk = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)                              # [Q, BK]
+        Ck = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)
+        st_offs = state_base + p[:, None] * N + n[None, :]
+        st_mask = p_ok[:, None] & n_ok[None, :]
+        hin = tl.load(hin_ptr + st_offs, mask=st_mask, other=0.0)                           # [BP, BK] fp32
+        dst = tl.load(dst_ptr + st_offs, mask=st_mask, other=0.0)
+        SB += _dot(Bk.to(tl.float32), tl.trans(dst), IEEE)
+        HC += _dot(Ck.to(tl.float32), tl.trans(hin), IEEE)
+        bh_offs = ((b * L + t[:, None]) * H + h) * N + n[None, :]
+        tl.store(dC_ptr + bh_offs, _dot(K, Bk, IEEE) + ea[:, None] * _dot(dyf, hin, IEEE), mask=bc_mask)
+        tl.store(dB_ptr + bh_offs, _dot(tl.trans(K), Ck, IEEE) + rdt[:, None] * _dot(xf, dst, IEEE), mask=bc_mask)
+
+    dx += rdt[:, None] * SB
     if HAS_D:
         if D_PER_P:
             Dv = tl.load(D_ptr + h * P + p, mask=p_ok, other=0.0).to(tl.float32)
@@ -317,22 +351,14 @@ def _chunk_bwd_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, dtraw_ptr, bias_ptr, A_ptr, D
             tl.store(dD_ptr + (b * n_chunks + c) * H + h, tl.sum(tl.sum(dyf * xf, axis=1), axis=0))
     tl.store(dx_ptr + xp_offs, dx.to(dx_ptr.dtype.element_ty), mask=xp_mask)
 
-    dC = _dot(K.to(Bc.dtype), Bc, IEEE) + tl.exp(acs)[:, None] * _dot(dyf, hin, IEEE)
-    dB = _dot(tl.trans(K).to(Cc.dtype), Cc, IEEE) + rdt[:, None] * _dot(xf, dst, IEEE)
-    bh_offs = ((b * L + t[:, None]) * H + h) * N + n[None, :]
-    tl.store(dC_ptr + bh_offs, dC, mask=bc_mask)
-    tl.store(dB_ptr + bh_offs, dB, mask=bc_mask)
-
     xSB = tl.sum(xf * SB, axis=1)                   # x_j·S'B_j
     V = rdt * xSB
-    W = W0 * dt[None, :]
-    HC = _dot(Cc.to(tl.float32), tl.trans(hin), IEEE)                                      # [Q, BP]: H_c·C_i
-    da = tl.sum(W, axis=1) - tl.sum(W, axis=0) + tl.exp(acs) * tl.sum(dyf * HC, axis=1) - V
+    da += ea * tl.sum(dyf * HC, axis=1) - V
     dlast = tl.load(dlast_ptr + (b * H + h) * n_chunks + c)
     da += tl.where(i == Q - 1, tl.sum(V, axis=0) + dlast, 0.0)
     R = tl.cumsum(da, axis=0, reverse=True)         # Σ_{i≥k} ∂a_i
     A = tl.load(A_ptr + h).to(tl.float32)
-    ddt = tl.sum(W0, axis=0) + r * xSB + A * R
+    ddt += r * xSB + A * R
     tl.store(dA_ptr + (b * n_chunks + c) * H + h, tl.sum(dt * R, axis=0))
 
     raw = tl.load(dtraw_ptr + (b * L + t) * H + h, mask=t_ok, other=0.0)
@@ -350,14 +376,23 @@ def _chunk_bwd_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, dtraw_ptr, bias_ptr, A_ptr, D
 
 @dataclass(frozen=True)
 class SSDConfig:
-    """Launch parameters. ``chunk``: Q positions per chunk (power of two ≥ 16); warps per kernel family."""
+    """Launch parameters. ``chunk``: Q positions per chunk (power of two ≥ 16); warps per kernel family;
+    ``block_n``: the d_state block the chunk-scan and backward kernels walk (power of two ≥ 16)."""
     chunk: int = 64
     warps_state: int = 4
     warps_scan: int = 4
     warps_bwd: int = 8
+    block_n: int = 32
 
 
 DEFAULT_CONFIG = SSDConfig()
+# the configurations scripts/bench_ssd.py times side by side (each is also checked by tests/test_triton_ssd_gpu.py)
+BENCH_CONFIGS = {
+    "q64": DEFAULT_CONFIG,
+    "q64-bwd4w": SSDConfig(64, 4, 4, 4),
+    "q64-bn64": SSDConfig(64, 4, 4, 8, 64),
+    "q32": SSDConfig(32, 4, 4, 4),
+}
 
 
 def _p2(n: int) -> int:
@@ -429,7 +464,7 @@ def _fwd(x, dt, A, B, C, D, dt_bias, h0, softplus, dt_limit, cfg: SSDConfig):
     _chunk_scan_fwd_kernel[(triton.cdiv(P, BP), batch * nc, H)](
         x, B, C, dt_out, acs, D if D is not None else A, states, y, L, H, G, P, N, nc,
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, IEEE=ieee, Q=Q, BP=BP, BN=_p2(N),
-        num_warps=cfg.warps_scan)
+        BK=min(cfg.block_n, _p2(N)), num_warps=cfg.warps_scan)
     return y, hT, dt_out, acs, states
 
 
@@ -467,7 +502,8 @@ def _bwd(x, dt, A, B, C, D, dt_bias, softplus, dt_limit, dt_out, acs, states, dy
         states, adj, dlast, dx, ddt, dB, dC, dA, dbias if dbias is not None else dA, dD if dD is not None else dA,
         L, H, G, P, N, nc, float(dt_limit[0]), float(dt_limit[1]),
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_BIAS=dt_bias is not None,
-        SOFTPLUS=bool(softplus), IEEE=ieee, Q=Q, BP=_p2(P), BN=_p2(N), num_warps=cfg.warps_bwd)
+        SOFTPLUS=bool(softplus), IEEE=ieee, Q=Q, BP=_p2(P), BN=_p2(N), BK=min(cfg.block_n, _p2(N)),
+        num_warps=cfg.warps_bwd)
     dB = dB.view(batch, L, G, H // G, N).sum(3)
     dC = dC.view(batch, L, G, H // G, N).sum(3)
     return (dx, ddt, dA.sum((0, 1)), dB, dC, dD.sum((0, 1)) if dD is not None else None,
@@ -517,7 +553,7 @@ def ssd_scan_triton(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, dt
     """
     cfg = config or DEFAULT_CONFIG
     if chunk_size is not None:
-        cfg = SSDConfig(chunk_size, cfg.warps_state, cfg.warps_scan, cfg.warps_bwd)
+        cfg = dataclasses.replace(cfg, chunk=chunk_size)
     _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, cfg.chunk)
     return SSDScanTriton.apply(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus,
                                (float(dt_limit[0]), float(dt_limit[1])), cfg)

@@ -1,4 +1,5 @@
-"""The selective-scan CUDA kernels (``plugins/selective_scan.cu``) through their C ABI, with ctypes.
+"""The plugin CUDA kernels (``plugins/selective_scan.cu`` for Mamba-1, ``plugins/ssd.cu`` for Mamba-2) through
+their C ABI, with ctypes.
 
 The shared library is built by nvcc on first use into a cache folder keyed by a hash of the sources, the flags
 and the nvcc version: ``~/.cache/mamba_deploy/plugins/<hash>/libmamba_scan.so`` (``$MAMBA_DEPLOY_CACHE`` moves
@@ -11,16 +12,18 @@ copy under ``mamba_deploy/plugins_src/`` only if one was put there before buildi
 
 Three layers, each usable alone:
   * ``build_library`` / ``load_library``: nvcc and ctypes;
-  * ``launch_step`` / ``launch_scan``: raw device pointers (ints), sizes, a dtype code and a stream handle; this
-    is what the TensorRT plugin's ``enqueue`` calls;
-  * ``selective_state_update_cuda`` / ``selective_scan_cuda``: torch CUDA tensors in, same signature style as
-    ``mamba_deploy.ops`` (used by the GPU tests, and ready for a torch fast path).
+  * ``launch_step`` / ``launch_scan`` (Mamba-1), ``launch_ssd_step`` / ``launch_ssd_scan`` (Mamba-2): raw device
+    pointers (ints), sizes, a dtype code and a stream handle; this is what the TensorRT plugins' ``enqueue`` calls;
+  * ``selective_state_update_cuda`` / ``selective_scan_cuda`` / ``ssd_state_update_cuda`` / ``ssd_scan_cuda``:
+    torch CUDA tensors in, same signature style as ``mamba_deploy.ops`` (used by the GPU tests, and ready for a
+    torch fast path).
 """
 from __future__ import annotations
 
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import shutil
 import subprocess
@@ -30,11 +33,12 @@ from ..errors import UserError
 from ..io import atomic_write
 
 LIB_NAME = "libmamba_scan.so"
-SOURCES = ("selective_scan.cu", "selective_scan.h")
+SOURCES = ("selective_scan.cu", "selective_scan.h", "ssd.cu", "ssd.h", "kernel_common.cuh")
+CU_FILES = ("selective_scan.cu", "ssd.cu")      # compiled together into one library
 ARCHS = (80, 86, 87, 89, 90)     # SASS for Ampere (A100, A10/30x0, Orin), Ada (L4/L40, 40x0) and Hopper
 PTX_ARCH = 90                    # + PTX so newer GPUs JIT-compile it
 NVCC_FLAGS = ("-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-lineinfo")
-ABI_VERSION = 1
+ABI_VERSION = 2                  # 2: the library also holds the Mamba-2 (SSD) kernels
 MAX_DSTATE = 256
 # dtype codes of the C ABI (enum mamba_scan_dtype)
 F32, F16, BF16 = 0, 1, 2
@@ -69,7 +73,7 @@ def nvcc_command(nvcc: str, src: Path, out: Path, archs=ARCHS, ptx_arch=PTX_ARCH
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
     if ptx_arch:
         gencode.append(f"-gencode=arch=compute_{ptx_arch},code=compute_{ptx_arch}")
-    return [nvcc, *NVCC_FLAGS, *gencode, "-o", str(out), str(src / "selective_scan.cu")]
+    return [nvcc, *NVCC_FLAGS, *gencode, "-o", str(out), *(str(src / f) for f in CU_FILES)]
 
 
 def _build_key(src: Path, nvcc: str, archs, ptx_arch) -> str:
@@ -141,6 +145,12 @@ def load_library() -> ctypes.CDLL:
     lib.mamba_selective_scan.restype = ctypes.c_int
     lib.mamba_selective_scan.argtypes = common + [_i64, _i64, _i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                                   ctypes.c_float, _ptr]
+    ssd_common = [_ptr] * 10
+    ssd_tail = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, _ptr]
+    lib.mamba2_ssd_step.restype = ctypes.c_int
+    lib.mamba2_ssd_step.argtypes = ssd_common + [_i64] + [ctypes.c_int] * 4 + ssd_tail
+    lib.mamba2_ssd_scan.restype = ctypes.c_int
+    lib.mamba2_ssd_scan.argtypes = ssd_common + [_i64, _i64] + [ctypes.c_int] * 4 + ssd_tail
     lib.mamba_scan_error_string.restype = ctypes.c_char_p
     lib.mamba_scan_error_string.argtypes = [ctypes.c_int]
     return lib
@@ -235,4 +245,73 @@ def selective_scan_cuda(u, delta, A, B, C, D=None, z=None, delta_bias=None, delt
                  state_in=initial_state, state_out=out_state, y=y)
     launch_scan(ptrs, b, d, L, N, _torch_dtype_code(u), delta_softplus, softplus_threshold,
                 torch.cuda.current_stream(u.device).cuda_stream)
+    return y, out_state
+
+
+# ---- Mamba-2 (SSD): raw pointers ------------------------------------------------------------------------------------
+SSD_POINTERS = ("x", "dt", "A", "B", "C", "D", "dt_bias", "state_in", "state_out", "y")
+
+
+def _ssd_args(ptrs: dict) -> list:
+    return [ptrs.get(k) or None for k in SSD_POINTERS]
+
+
+def launch_ssd_step(ptrs: dict, batch: int, nheads: int, headdim: int, ngroups: int, dstate: int, dtype: int,
+                    d_per_channel: bool = False, dt_softplus: bool = True, dt_limit=(0.0, math.inf),
+                    stream: int = 0) -> None:
+    """One Mamba-2 decode step (plugins/ssd.h). ``ptrs``: device addresses (int; 0 = absent for D, dt_bias) under
+    the names x, dt, A, B, C, D, dt_bias, state_in, state_out, y. ``stream``: a cudaStream_t as int."""
+    lib = load_library()
+    code = lib.mamba2_ssd_step(*_ssd_args(ptrs), batch, nheads, headdim, ngroups, dstate, int(d_per_channel),
+                               dtype, int(dt_softplus), float(dt_limit[0]), float(dt_limit[1]), stream or None)
+    _check(lib, code, "mamba2_ssd_step")
+
+
+def launch_ssd_scan(ptrs: dict, batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, dstate: int,
+                    dtype: int, d_per_channel: bool = False, dt_softplus: bool = True, dt_limit=(0.0, math.inf),
+                    stream: int = 0) -> None:
+    """The Mamba-2 scan over ``seqlen`` steps from state_in; same pointer names as :func:`launch_ssd_step`."""
+    lib = load_library()
+    code = lib.mamba2_ssd_scan(*_ssd_args(ptrs), batch, seqlen, nheads, headdim, ngroups, dstate,
+                               int(d_per_channel), dtype, int(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
+                               stream or None)
+    _check(lib, code, "mamba2_ssd_scan")
+
+
+# ---- Mamba-2 (SSD): torch tensors -----------------------------------------------------------------------------------
+_SSD_FP32 = ("A", "D", "dt_bias", "state_in", "state_out")
+
+
+def ssd_state_update_cuda(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, math.inf),
+                          out_state=None, out=None):
+    """One Mamba-2 decode step on the CUDA kernel: x [b, H, P], dt [b, H], B, C [b, G, N] (activation dtype),
+    A, dt_bias [H] fp32, D [H] or [H, P] fp32, state [b, H, P, N] fp32. Returns (y [b, H, P], new state);
+    ``out_state`` defaults to a new tensor, pass ``state`` itself to update in place."""
+    import torch
+    b, H, P = x.shape
+    G, N = B.shape[1], B.shape[2]
+    out_state = torch.empty_like(state) if out_state is None else out_state
+    y = torch.empty_like(x) if out is None else out
+    ptrs = _ptrs(x.dtype, _SSD_FP32, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, state_in=state,
+                 state_out=out_state, y=y)
+    launch_ssd_step(ptrs, b, H, P, G, N, _torch_dtype_code(x), D is not None and D.dim() == 2, dt_softplus,
+                    dt_limit, torch.cuda.current_stream(x.device).cuda_stream)
+    return y, out_state
+
+
+def ssd_scan_cuda(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, dt_softplus=True,
+                  dt_limit=(0.0, math.inf), out_state=None, out=None):
+    """The Mamba-2 scan on the CUDA kernel, same arguments as ``ops.triton_ssd.ssd_scan_triton``: x [b, L, H, P],
+    dt [b, L, H], B, C [b, L, G, N]; initial_state [b, H, P, N] fp32 (zeros if None). Returns (y, final state)."""
+    import torch
+    b, L, H, P = x.shape
+    G, N = B.shape[2], B.shape[3]
+    if initial_state is None:
+        initial_state = torch.zeros(b, H, P, N, dtype=torch.float32, device=x.device)
+    out_state = torch.empty_like(initial_state) if out_state is None else out_state
+    y = torch.empty_like(x) if out is None else out
+    ptrs = _ptrs(x.dtype, _SSD_FP32, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, state_in=initial_state,
+                 state_out=out_state, y=y)
+    launch_ssd_scan(ptrs, b, L, H, P, G, N, _torch_dtype_code(x), D is not None and D.dim() == 2, dt_softplus,
+                    dt_limit, torch.cuda.current_stream(x.device).cuda_stream)
     return y, out_state
