@@ -59,6 +59,32 @@ def load_upstream(src: Path):
     return mamba_chunk_scan_combined
 
 
+def save(path: Path, res: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(res, indent=2))
+    tmp.replace(path)
+
+
+def kernel_breakdown(fn, reps: int = 5) -> dict:
+    """Where the time goes: GPU time per kernel name (µs per call, mean over ``reps`` calls) from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    out = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "device_time_total", None)
+        if t is None:
+            t = getattr(ev, "cuda_time_total", 0.0)
+        if t:
+            out[ev.key[:80]] = round(t / reps, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def plugin_timings(H, P, G, N, L) -> dict:
     from mamba_deploy.ops import triton_ssd
     from mamba_deploy.trt import kernels
@@ -129,6 +155,7 @@ def main():
             row = {"config": repr(cfg), "error": f"{type(e).__name__}: {e}"[:400]}
         res["ours"][name] = row
         print(name, row, flush=True)
+        save(args.out, res)                        # a run cut short keeps what it measured
     if args.upstream_src:
         try:
             combined = load_upstream(args.upstream_src)
@@ -146,11 +173,25 @@ def main():
             res["upstream"] = {"fwd_ms": bench_ms(up_fwd), "fwd_bwd_ms": bench_ms(up_fwd_bwd),
                                "y_max_abs_diff_vs_ours": (ours_y - up_y).abs().max().item(),
                                "y_max_abs": up_y.abs().max().item()}
+            res["upstream"]["kernel_us"] = kernel_breakdown(up_fwd_bwd)
         except Exception as e:
             res["upstream"] = {"error": f"{type(e).__name__}: {e}"[:600]}
         print("upstream", res["upstream"], flush=True)
+        save(args.out, res)
     else:
         res["upstream"] = {"error": "not measured: --upstream-src not given"}
+    ok = {k: v["fwd_bwd_ms"] for k, v in res["ours"].items() if "fwd_bwd_ms" in v}
+    if ok:
+        best = min(ok, key=ok.get)
+        res["best"] = {"config": best, "fwd_bwd_ms": ok[best], "fwd_ms": res["ours"][best]["fwd_ms"]}
+        try:
+            res["best"]["kernel_us"] = kernel_breakdown(
+                lambda: torch.autograd.grad(triton_ssd.ssd_scan_triton(**leaves, config=triton_ssd.BENCH_CONFIGS[best])[0],
+                                            list(leaves.values()), gy))
+        except Exception as e:
+            res["best"]["kernel_us"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        if res["upstream"] and "fwd_bwd_ms" in res["upstream"]:
+            res["best"]["fwd_bwd_ratio_vs_upstream"] = ok[best] / res["upstream"]["fwd_bwd_ms"]
     if args.plugin:
         del inp, leaves, gy
         torch.cuda.empty_cache()
@@ -158,14 +199,7 @@ def main():
             res["plugin"] = plugin_timings(args.nheads, args.headdim, args.ngroups, args.d_state, args.seqlen)
         except Exception as e:
             res["plugin"] = {"error": f"{type(e).__name__}: {e}"[:600]}
-    ok = {k: v["fwd_bwd_ms"] for k, v in res["ours"].items() if "fwd_bwd_ms" in v}
-    if ok:
-        best = min(ok, key=ok.get)
-        res["best"] = {"config": best, "fwd_bwd_ms": ok[best], "fwd_ms": res["ours"][best]["fwd_ms"]}
-        if res["upstream"] and "fwd_bwd_ms" in res["upstream"]:
-            res["best"]["fwd_bwd_ratio_vs_upstream"] = ok[best] / res["upstream"]["fwd_bwd_ms"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(res, indent=2))
+    save(args.out, res)
     print(json.dumps(res.get("best"), indent=2))
 
 
