@@ -35,12 +35,13 @@ struct SsdParams {
     int nheads, headdim, ngroups, dstate;
     int d_per_channel;
     int dt_softplus;
+    float softplus_threshold;
     float dt_min, dt_max;
 };
 
 __device__ __forceinline__ float ssd_dt(float raw, int h, const SsdParams& p) {
     float v = raw + (p.dt_bias ? p.dt_bias[h] : 0.f);
-    if (p.dt_softplus) v = softplus(v, 20.f);
+    if (p.dt_softplus) v = softplus(v, p.softplus_threshold);
     return fminf(fmaxf(v, p.dt_min), p.dt_max);
 }
 
@@ -270,18 +271,20 @@ extern "C" {
 int mamba2_ssd_step(const void* x, const void* dt, const float* A, const void* B, const void* C, const float* D,
                     const float* dt_bias, const float* state_in, float* state_out, void* y,
                     long long batch, int nheads, int headdim, int ngroups, int dstate, int d_per_channel,
-                    int dtype, int dt_softplus, float dt_min, float dt_max, void* stream) {
+                    int dtype, int dt_softplus, float softplus_threshold, float dt_min, float dt_max,
+                    void* stream) {
     const SsdParams p{x, dt, A, B, C, D, dt_bias, state_in, state_out, y, batch, 1, nheads, headdim, ngroups,
-                      dstate, d_per_channel, dt_softplus, dt_min, dt_max};
+                      dstate, d_per_channel, dt_softplus, softplus_threshold, dt_min, dt_max};
     return ssd_run(p, dtype, false, stream);
 }
 
 int mamba2_ssd_scan(const void* x, const void* dt, const float* A, const void* B, const void* C, const float* D,
                     const float* dt_bias, const float* state_in, float* state_out, void* y,
                     long long batch, long long seqlen, int nheads, int headdim, int ngroups, int dstate,
-                    int d_per_channel, int dtype, int dt_softplus, float dt_min, float dt_max, void* stream) {
+                    int d_per_channel, int dtype, int dt_softplus, float softplus_threshold, float dt_min,
+                    float dt_max, void* stream) {
     const SsdParams p{x, dt, A, B, C, D, dt_bias, state_in, state_out, y, batch, seqlen, nheads, headdim, ngroups,
-                      dstate, d_per_channel, dt_softplus, dt_min, dt_max};
+                      dstate, d_per_channel, dt_softplus, softplus_threshold, dt_min, dt_max};
     return ssd_run(p, dtype, true, stream);
 }
 

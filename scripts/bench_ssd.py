@@ -185,9 +185,9 @@ def main():
         best = min(ok, key=ok.get)
         res["best"] = {"config": best, "fwd_bwd_ms": ok[best], "fwd_ms": res["ours"][best]["fwd_ms"]}
         try:
-            res["best"]["kernel_us"] = kernel_breakdown(
-                lambda: torch.autograd.grad(triton_ssd.ssd_scan_triton(**leaves, config=triton_ssd.BENCH_CONFIGS[best])[0],
-                                            list(leaves.values()), gy))
+            best_cfg = triton_ssd.BENCH_CONFIGS[best]
+            res["best"]["kernel_us"] = kernel_breakdown(lambda: torch.autograd.grad(
+                triton_ssd.ssd_scan_triton(**leaves, config=best_cfg)[0], list(leaves.values()), gy))
         except Exception as e:
             res["best"]["kernel_us"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         if res["upstream"] and "fwd_bwd_ms" in res["upstream"]:

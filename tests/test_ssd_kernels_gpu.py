@@ -64,8 +64,9 @@ def make_inputs(b, L, H, P, G, N, dtype, seed=0, D_kind="head", large_dt=True):
     dt = r(b, L, H, scale=0.5)
     if large_dt:  # exercise the softplus threshold (dt_raw + bias > 20 → dt = dt_raw + bias)
         dt.view(-1)[::13] = 25.0
+    D = {"none": None, "head": r(H), "head1": r(H, 1), "channel": r(H, P)}[D_kind]
     t = dict(x=r(b, L, H, P), dt=dt, A=(-(1 + 15 * torch.rand(H, generator=g))).to(DEV),
-             B=r(b, L, G, N), C=r(b, L, G, N), D={"none": None, "head": r(H), "channel": r(H, P)}[D_kind],
+             B=r(b, L, G, N), C=r(b, L, G, N), D=D,
              dt_bias=dt_bias, state=r(b, H, P, N))
     for k in ("x", "dt", "B", "C"):
         t[k] = t[k].to(dtype).contiguous()
@@ -82,10 +83,12 @@ def poisoned(like: torch.Tensor) -> torch.Tensor:
     return torch.full_like(like, float("nan"))
 
 
-def run_kernel(t, step: bool, in_place=False, softplus=True, dt_limit=(0.0, math.inf)):
+def run_kernel(t, step: bool, in_place=False, softplus=True, dt_limit=(0.0, math.inf), threshold=None):
     state_out = t["state"].clone() if in_place else poisoned(t["state"])
     state_in = state_out if in_place else t["state"]
     kw = dict(D=t["D"], dt_bias=t["dt_bias"], dt_softplus=softplus, dt_limit=dt_limit, out_state=state_out)
+    if threshold is not None:
+        kw["softplus_threshold"] = threshold
     if step:
         one = {k: t[k][:, 0].contiguous() for k in ("x", "dt", "B", "C")}
         y = poisoned(one["x"])
@@ -107,7 +110,7 @@ def check(name, t, y, h, dtype, **ref_kw):
 
 
 # (H, P, G, N, D kind): odd head dims and state sizes, grouped B/C, every dispatch branch of N
-SHAPES = [(3, 5, 1, 1, "head"), (4, 24, 2, 16, "channel"), (6, 37, 3, 17, "head"), (8, 64, 1, 64, "none"),
+SHAPES = [(3, 5, 1, 1, "head"), (4, 24, 2, 16, "channel"), (6, 37, 3, 17, "head1"), (8, 64, 1, 64, "none"),
           (4, 64, 2, 128, "head"), (2, 33, 1, 256, "channel")]
 
 
@@ -161,6 +164,14 @@ def test_optional_inputs_no_softplus_and_clamp(step):
     t = make_inputs(3, 1 if step else 40, 4, 24, 2, 16, torch.float32, seed=6)
     y, h = run_kernel(t, step=step, dt_limit=(0.01, 0.05))   # the clamp binds on both sides
     check(f"dt_limit {'step' if step else 'scan'}", t, y, h, "fp32", dt_limit=(0.01, 0.05))
+    # softplus threshold 2 (the contract's attribute): dt_raw + bias above it is used as is
+    t = make_inputs(3, 1 if step else 40, 4, 24, 2, 16, torch.float32, seed=7, large_dt=False)
+    t["dt"] = t["dt"] * 3
+    y, h = run_kernel(t, step=step, threshold=2.0)
+    raw = t["dt"].double() + t["dt_bias"].double()
+    assert (raw > 2).any() and (raw < 2).any()
+    ref_in = {**t, "dt": torch.nn.functional.softplus(raw, threshold=2.0), "dt_bias": None}
+    check(f"softplus threshold 2 {'step' if step else 'scan'}", ref_in, y, h, "fp32", softplus=False)
 
 
 @pytest.mark.gpu
@@ -205,4 +216,5 @@ def test_rollout_1000_steps_drift():
                                "scan_final_state_rel": rel_err(h_scan, h64)}
     print("rollout:", RESULTS["rollout_1000"])
     assert worst_y <= 1e-5 and drift <= 1e-5
-    assert RESULTS["rollout_1000"]["scan_vs_step_y_rel"] <= 1e-5 and RESULTS["rollout_1000"]["scan_final_state_rel"] <= 1e-5
+    r = RESULTS["rollout_1000"]
+    assert r["scan_vs_step_y_rel"] <= 1e-5 and r["scan_final_state_rel"] <= 1e-5

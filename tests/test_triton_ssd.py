@@ -197,7 +197,8 @@ def test_rejects_bad_shapes():
     inp = make_inputs(1, 8, 4, 4, 2, 8, D_kind="head", has_bias=True, has_h0=False, act_dtype=torch.float32,
                       device="cpu", seed=0)
     with pytest.raises(ValueError, match="ngroups"):
-        ssd_scan_triton(**{**inp, "B": inp["B"][:, :, :1].expand(1, 8, 3, 8), "C": inp["C"][:, :, :1].expand(1, 8, 3, 8)})
+        three = inp["B"][:, :, :1].expand(1, 8, 3, 8)
+        ssd_scan_triton(**{**inp, "B": three, "C": three})
     with pytest.raises(ValueError, match="dt must be"):
         ssd_scan_triton(**{**inp, "dt": inp["dt"][:, :4]})
     with pytest.raises(ValueError, match="chunk_size"):

@@ -202,7 +202,7 @@ def test_nvcc_compiles_kernels_for_all_archs(tmp_path):
     # the Mamba-2 kernels (ssd.h) are in the same library, with the same early validation
     c.mamba2_ssd_scan.restype = ctypes.c_int
     f32 = ctypes.c_float
-    tail = (i32(0), i32(1), f32(0.0), f32(float("inf")), None)    # dtype, dt_softplus, dt_min, dt_max, stream
+    tail = (i32(0), i32(1), f32(20.0), f32(0.0), f32(float("inf")), None)  # dtype, softplus, threshold, limits
     ssd = [None] * 10
     assert c.mamba2_ssd_scan(*ssd, i64(1), i64(3), i32(4), i32(8), i32(1), i32(0), i32(0), *tail) == 1   # d_state 0
     assert c.mamba2_ssd_scan(*ssd, i64(1), i64(3), i32(4), i32(8), i32(3), i32(16), i32(0), *tail) == 1  # 3 ∤ 4

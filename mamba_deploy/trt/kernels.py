@@ -146,7 +146,7 @@ def load_library() -> ctypes.CDLL:
     lib.mamba_selective_scan.argtypes = common + [_i64, _i64, _i64, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                                                   ctypes.c_float, _ptr]
     ssd_common = [_ptr] * 10
-    ssd_tail = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, _ptr]
+    ssd_tail = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float, ctypes.c_float, _ptr]
     lib.mamba2_ssd_step.restype = ctypes.c_int
     lib.mamba2_ssd_step.argtypes = ssd_common + [_i64] + [ctypes.c_int] * 4 + ssd_tail
     lib.mamba2_ssd_scan.restype = ctypes.c_int
@@ -258,23 +258,24 @@ def _ssd_args(ptrs: dict) -> list:
 
 def launch_ssd_step(ptrs: dict, batch: int, nheads: int, headdim: int, ngroups: int, dstate: int, dtype: int,
                     d_per_channel: bool = False, dt_softplus: bool = True, dt_limit=(0.0, math.inf),
-                    stream: int = 0) -> None:
+                    softplus_threshold: float = 20.0, stream: int = 0) -> None:
     """One Mamba-2 decode step (plugins/ssd.h). ``ptrs``: device addresses (int; 0 = absent for D, dt_bias) under
     the names x, dt, A, B, C, D, dt_bias, state_in, state_out, y. ``stream``: a cudaStream_t as int."""
     lib = load_library()
     code = lib.mamba2_ssd_step(*_ssd_args(ptrs), batch, nheads, headdim, ngroups, dstate, int(d_per_channel),
-                               dtype, int(dt_softplus), float(dt_limit[0]), float(dt_limit[1]), stream or None)
+                               dtype, int(dt_softplus), float(softplus_threshold), float(dt_limit[0]),
+                               float(dt_limit[1]), stream or None)
     _check(lib, code, "mamba2_ssd_step")
 
 
 def launch_ssd_scan(ptrs: dict, batch: int, seqlen: int, nheads: int, headdim: int, ngroups: int, dstate: int,
                     dtype: int, d_per_channel: bool = False, dt_softplus: bool = True, dt_limit=(0.0, math.inf),
-                    stream: int = 0) -> None:
+                    softplus_threshold: float = 20.0, stream: int = 0) -> None:
     """The Mamba-2 scan over ``seqlen`` steps from state_in; same pointer names as :func:`launch_ssd_step`."""
     lib = load_library()
     code = lib.mamba2_ssd_scan(*_ssd_args(ptrs), batch, seqlen, nheads, headdim, ngroups, dstate,
-                               int(d_per_channel), dtype, int(dt_softplus), float(dt_limit[0]), float(dt_limit[1]),
-                               stream or None)
+                               int(d_per_channel), dtype, int(dt_softplus), float(softplus_threshold),
+                               float(dt_limit[0]), float(dt_limit[1]), stream or None)
     _check(lib, code, "mamba2_ssd_scan")
 
 
@@ -282,10 +283,15 @@ def launch_ssd_scan(ptrs: dict, batch: int, seqlen: int, nheads: int, headdim: i
 _SSD_FP32 = ("A", "D", "dt_bias", "state_in", "state_out")
 
 
+def _d_per_channel(D) -> bool:
+    """D [H, P] is per channel; [H] and [H, 1] (the graph contract's per-head form) are per head."""
+    return D is not None and D.dim() == 2 and D.shape[1] != 1
+
+
 def ssd_state_update_cuda(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=True, dt_limit=(0.0, math.inf),
-                          out_state=None, out=None):
+                          softplus_threshold=20.0, out_state=None, out=None):
     """One Mamba-2 decode step on the CUDA kernel: x [b, H, P], dt [b, H], B, C [b, G, N] (activation dtype),
-    A, dt_bias [H] fp32, D [H] or [H, P] fp32, state [b, H, P, N] fp32. Returns (y [b, H, P], new state);
+    A, dt_bias [H] fp32, D [H], [H, 1] or [H, P] fp32, state [b, H, P, N] fp32. Returns (y [b, H, P], new state);
     ``out_state`` defaults to a new tensor, pass ``state`` itself to update in place."""
     import torch
     b, H, P = x.shape
@@ -294,13 +300,13 @@ def ssd_state_update_cuda(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softpl
     y = torch.empty_like(x) if out is None else out
     ptrs = _ptrs(x.dtype, _SSD_FP32, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, state_in=state,
                  state_out=out_state, y=y)
-    launch_ssd_step(ptrs, b, H, P, G, N, _torch_dtype_code(x), D is not None and D.dim() == 2, dt_softplus,
-                    dt_limit, torch.cuda.current_stream(x.device).cuda_stream)
+    launch_ssd_step(ptrs, b, H, P, G, N, _torch_dtype_code(x), _d_per_channel(D), dt_softplus, dt_limit,
+                    softplus_threshold, stream=torch.cuda.current_stream(x.device).cuda_stream)
     return y, out_state
 
 
 def ssd_scan_cuda(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, dt_softplus=True,
-                  dt_limit=(0.0, math.inf), out_state=None, out=None):
+                  dt_limit=(0.0, math.inf), softplus_threshold=20.0, out_state=None, out=None):
     """The Mamba-2 scan on the CUDA kernel, same arguments as ``ops.triton_ssd.ssd_scan_triton``: x [b, L, H, P],
     dt [b, L, H], B, C [b, L, G, N]; initial_state [b, H, P, N] fp32 (zeros if None). Returns (y, final state)."""
     import torch
@@ -312,6 +318,6 @@ def ssd_scan_cuda(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, dt_s
     y = torch.empty_like(x) if out is None else out
     ptrs = _ptrs(x.dtype, _SSD_FP32, x=x, dt=dt, A=A, B=B, C=C, D=D, dt_bias=dt_bias, state_in=initial_state,
                  state_out=out_state, y=y)
-    launch_ssd_scan(ptrs, b, L, H, P, G, N, _torch_dtype_code(x), D is not None and D.dim() == 2, dt_softplus,
-                    dt_limit, torch.cuda.current_stream(x.device).cuda_stream)
+    launch_ssd_scan(ptrs, b, L, H, P, G, N, _torch_dtype_code(x), _d_per_channel(D), dt_softplus, dt_limit,
+                    softplus_threshold, stream=torch.cuda.current_stream(x.device).cuda_stream)
     return y, out_state
