@@ -98,10 +98,22 @@ __host__ __device__ inline int ssd_chunk_len(int N) {
 }
 __host__ __device__ inline int ssd_padded(int n) { return n | 1; }  // odd row stride: no bank conflicts
 
-template <int G>
+// State values per lane read from shared memory as float4 when PER is a multiple of 4: lane j owns the float4s
+// j, j+G, j+2G, … of a row (consecutive lanes, consecutive 16-byte words: no bank conflicts; the rows of a warp
+// read the same words: broadcast), so a step costs PER/4 shared loads per operand instead of PER.
+template <int G, int PER>
+struct SsdLanes {
+    static constexpr int kVec = PER % 4 == 0 ? 4 : 1;
+    // row stride of the B/C tiles: G·PER (a multiple of 4, covers every lane's float4s) or odd for scalars
+    __host__ __device__ static int row_stride(int N) { return kVec == 4 ? G * PER : ssd_padded(N); }
+    __device__ static int n_of(int j, int k) { return (j + (k / kVec) * G) * kVec + k % kVec; }
+};
+
+template <int G, int PER>
 __host__ __device__ inline size_t ssd_scan_smem_floats(int N) {
     const int tc = ssd_chunk_len(N);
-    return size_t(2) * tc * ssd_padded(N) + size_t(kSsdThreads / G) * ssd_padded(tc) + size_t(2) * tc;
+    return size_t(2) * tc * SsdLanes<G, PER>::row_stride(N) + size_t(kSsdThreads / G) * ssd_padded(tc) +
+           size_t(2) * tc;
 }
 
 template <typename T, int G, int PER>
@@ -110,7 +122,8 @@ __global__ void __launch_bounds__(kSsdThreads) ssd_scan_kernel(SsdParams p) {
     extern __shared__ float smem[];
     const int N = p.dstate;
     const int TC = ssd_chunk_len(N);
-    const int NP = ssd_padded(N), TP = ssd_padded(TC);
+    using Lanes = SsdLanes<G, PER>;
+    const int NP = Lanes::row_stride(N), TP = ssd_padded(TC);
     float* sB = smem;                    // [TC][NP]
     float* sC = sB + TC * NP;            // [TC][NP]
     float* sX = sC + TC * NP;            // [kRows][TP]  x, then y
@@ -134,7 +147,7 @@ __global__ void __launch_bounds__(kSsdThreads) ssd_scan_kernel(SsdParams p) {
     float hs[PER];
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
-        const int n = j + k * G;
+        const int n = Lanes::n_of(j, k);
         hs[k] = (valid && n < N) ? p.state_in[state_row + n] : 0.f;
     }
     const float Dd = valid ? ssd_D(p, h, c) : 0.f;
@@ -170,12 +183,25 @@ __global__ void __launch_bounds__(kSsdThreads) ssd_scan_kernel(SsdParams p) {
             const float dtx = sDt[t] * x;
             const float dec = sDec[t];
             float acc = 0.f;
+            if constexpr (Lanes::kVec == 4) {
 #pragma unroll
-            for (int k = 0; k < PER; ++k) {
-                const int n = j + k * G;
-                if (n < N) {
-                    hs[k] = dec * hs[k] + dtx * sB[t * NP + n];
-                    acc += hs[k] * sC[t * NP + n];
+                for (int m = 0; m < PER / 4; ++m) {
+                    const int w = (j + m * G) * 4;
+                    const float4 b4 = *reinterpret_cast<const float4*>(sB + t * NP + w);
+                    const float4 c4 = *reinterpret_cast<const float4*>(sC + t * NP + w);
+                    if (w < N) { hs[m * 4] = dec * hs[m * 4] + dtx * b4.x; acc += hs[m * 4] * c4.x; }
+                    if (w + 1 < N) { hs[m * 4 + 1] = dec * hs[m * 4 + 1] + dtx * b4.y; acc += hs[m * 4 + 1] * c4.y; }
+                    if (w + 2 < N) { hs[m * 4 + 2] = dec * hs[m * 4 + 2] + dtx * b4.z; acc += hs[m * 4 + 2] * c4.z; }
+                    if (w + 3 < N) { hs[m * 4 + 3] = dec * hs[m * 4 + 3] + dtx * b4.w; acc += hs[m * 4 + 3] * c4.w; }
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < PER; ++k) {
+                    const int n = Lanes::n_of(j, k);
+                    if (n < N) {
+                        hs[k] = dec * hs[k] + dtx * sB[t * NP + n];
+                        acc += hs[k] * sC[t * NP + n];
+                    }
                 }
             }
             acc = group_sum<G>(acc);
@@ -190,7 +216,7 @@ __global__ void __launch_bounds__(kSsdThreads) ssd_scan_kernel(SsdParams p) {
     }
 #pragma unroll
     for (int k = 0; k < PER; ++k) {
-        const int n = j + k * G;
+        const int n = Lanes::n_of(j, k);
         if (valid && n < N) p.state_out[state_row + n] = hs[k];
     }
 }
@@ -210,7 +236,7 @@ template <typename T, int G, int PER>
 cudaError_t ssd_launch_scan(const SsdParams& p, cudaStream_t stream) {
     constexpr int kRows = kSsdThreads / G;
     const dim3 grid(unsigned((p.headdim + kRows - 1) / kRows), unsigned(p.nheads), unsigned(p.batch));
-    const size_t smem = ssd_scan_smem_floats<G>(p.dstate) * sizeof(float);
+    const size_t smem = ssd_scan_smem_floats<G, PER>(p.dstate) * sizeof(float);
     if (smem > 48 * 1024) {
         cudaError_t e = cudaFuncSetAttribute(ssd_scan_kernel<T, G, PER>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                              int(smem));
