@@ -48,7 +48,7 @@ def main():
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--tol", type=float, default=None,
                     help="default: fp32 1e-4 on the interpreter, 1e-2 on a GPU (upstream's fp32 products run in "
-                         "tf32 there); bf16 5e-2")
+                         "tf32 there); bf16 1e-1 (both round products to bf16, in different orders)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu":
@@ -81,7 +81,7 @@ def main():
         return_final_states=True))
     ours = run(lambda **kw: ssd_scan_triton(**kw, chunk_size=chunk_ours))
     diffs = {k: ((ours[k].double() - up[k].double()).abs().max() / up[k].double().abs().max()).item() for k in up}
-    tol = args.tol if args.tol is not None else (5e-2 if args.dtype == "bf16" else 1e-2 if dev == "cuda" else 1e-4)
+    tol = args.tol if args.tol is not None else (1e-1 if args.dtype == "bf16" else 1e-2 if dev == "cuda" else 1e-4)
     out = {"device": dev, "dtype": args.dtype, "shape": dict(b=b, L=L, H=H, P=P, G=G, N=N),
            "chunk": {"ours": chunk_ours, "upstream": chunk_up}, "tol": tol, "rel_diff": diffs}
     print(json.dumps(out, indent=2))

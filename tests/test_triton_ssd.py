@@ -115,6 +115,7 @@ INTERP_CASES = [
     (45, 2, 20, 1, 40, "head", True, True, True, (0.0, math.inf), 16, "fp32"),       # 2 d_state blocks of 32
     (29, 4, 8, 2, 16, "head", True, True, True, (0.0, math.inf), 16, "bf16"),
     (29, 4, 8, 2, 16, "channel", True, True, True, (0.0, math.inf), 16, "fp16"),
+    (29, 4, 8, 2, 16, "head", True, True, True, (0.0, math.inf), "lowp", "bf16"),       # states in bf16
 ]
 
 
@@ -133,13 +134,14 @@ _WORKER = textwrap.dedent("""
     import torch
     sys.path.insert(0, sys.argv[1])
     import test_triton_ssd as t
-    from mamba_deploy.ops.triton_ssd import ssd_scan_triton
+    from mamba_deploy.ops.triton_ssd import SSDConfig, ssd_scan_triton
     torch.set_num_threads(2)
     results = []
     for i, case in enumerate(t.INTERP_CASES):
         inp, kw, chunk = t.case_inputs(case, seed=100 + i)
         ref = t.run_with_grads(t.ssd_reference, inp, **kw)
-        ours = t.run_with_grads(ssd_scan_triton, inp, chunk_size=chunk, **kw)
+        cfg = dict(config=SSDConfig(16, lowp_states=True)) if chunk == "lowp" else dict(chunk_size=chunk)
+        ours = t.run_with_grads(ssd_scan_triton, inp, **cfg, **kw)
         results.append(t.compare(ours, ref))
     print("RESULTS" + json.dumps(results))
 """)

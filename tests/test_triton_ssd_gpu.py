@@ -1,7 +1,7 @@
 """Triton SSD (Mamba-2) on a GPU: the compiled kernels vs the float64 sequential reference at real shapes.
 
 Same reference, inputs and error measure as tests/test_triton_ssd.py (normwise max relative error per output and
-gradient). Tolerances: fp32 1e-4 (tensor-core products in exact fp32); fp16 1e-2, bf16 5e-2 (operands rounded to
+gradient). Tolerances: fp32 1e-4 (tensor-core products in exact fp32); fp16 2e-2, bf16 8e-2 (operands rounded to
 the activation dtype, fp32 accumulation, tf32 for the products with the fp32 states; L up to 4,096 sums more
 rounded terms than the interpreter's tiny shapes). Every output buffer of the caching allocator is NaN-poisoned
 first, so an element the kernels do not write shows. ``MAMBA_DEPLOY_GPU_REPORT`` names a JSON file that receives
@@ -25,7 +25,7 @@ from mamba_deploy.ops import triton_ssd  # noqa: E402
 
 DEV = "cuda"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-TOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 5e-2}
+TOL = {"fp32": 1e-4, "fp16": 2e-2, "bf16": 8e-2}
 RESULTS: dict = {}
 
 # name -> (batch, H, P, G, N, D kind): the benchmark's head shape, a grouped odd one, a small-state one

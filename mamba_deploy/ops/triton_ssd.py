@@ -35,7 +35,8 @@ Backward (reverse mode; dy = ∂ℓ/∂y, G_c = ∂ℓ/∂H_c, G_{n_chunks} = �
 ∂B and ∂C are written per head (fp32) and summed over each group's heads in torch; ∂A, ∂D, ∂dt_bias are written
 per (batch, chunk) and summed in torch. Matrix products run on tensor cores in the activation dtype (bf16/fp16:
 operands rounded to it, fp32 accumulation, as upstream) or in exact fp32 (``input_precision="ieee"``) for fp32
-inputs; products with the fp32 states use tf32 for bf16/fp16 inputs.
+inputs; products with the fp32 states use tf32 for bf16/fp16 inputs (``SSDConfig.lowp_states``: states entering
+the chunks kept in x's dtype, products in it, as upstream).
 
 The reference next to it: a float64 sequential recurrence (the tests' ``ssd_reference``).
 """
@@ -170,9 +171,10 @@ def _chunk_state_kernel(X_ptr, Y_ptr, dt_ptr, acs_ptr, out_ptr, L, H, G, P, N, n
 
 
 @triton.jit(**_no_spec("PN", "H", "n_chunks"))
-def _state_passing_fwd_kernel(st_ptr, acs_ptr, h0_ptr, hT_ptr, PN, H, n_chunks,
+def _state_passing_fwd_kernel(st_ptr, hin_ptr, acs_ptr, h0_ptr, hT_ptr, PN, H, n_chunks,
                               HAS_H0: tl.constexpr, Q: tl.constexpr, BLOCK: tl.constexpr):
-    """In place over st [b, n_chunks, H, P·N]: chunk state S_c in, state entering chunk c (H_c) out; final state."""
+    """st [b, n_chunks, H, P·N] (chunk states S_c, fp32) → hin, same layout (the state entering chunk c, H_c, in
+    hin's dtype; hin may be st itself: each element is read before it is written) and the final state (fp32)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     h = tl.program_id(2)
@@ -183,9 +185,9 @@ def _state_passing_fwd_kernel(st_ptr, acs_ptr, h0_ptr, hT_ptr, PN, H, n_chunks,
     else:
         s = tl.zeros([BLOCK], dtype=tl.float32)
     for c in range(0, n_chunks):
-        ptr = st_ptr + ((b * n_chunks + c) * H + h) * PN + offs
-        chunk = tl.load(ptr, mask=m, other=0.0)
-        tl.store(ptr, s, mask=m)
+        offs_c = ((b * n_chunks + c) * H + h) * PN + offs
+        chunk = tl.load(st_ptr + offs_c, mask=m, other=0.0)
+        tl.store(hin_ptr + offs_c, s.to(hin_ptr.dtype.element_ty), mask=m)
         decay = tl.exp(tl.load(acs_ptr + ((b * H + h) * n_chunks + c) * Q + Q - 1))
         s = decay * s + chunk
     tl.store(hT_ptr + (b * H + h) * PN + offs, s, mask=m)
@@ -226,8 +228,11 @@ def _chunk_scan_fwd_kernel(x_ptr, B_ptr, C_ptr, dt_ptr, acs_ptr, D_ptr, hin_ptr,
         Bk = tl.load(B_ptr + bc_offs, mask=bc_mask, other=0.0)
         CB += _dot(Ck, tl.trans(Bk), IEEE)
         hinT = tl.load(hin_ptr + hin_base + (p[None, :] * N + n[:, None]),
-                       mask=n_ok[:, None] & p_ok[None, :], other=0.0)                        # [BK, BP] fp32
-        acc += _dot(Ck.to(tl.float32) * scale, hinT, IEEE)
+                       mask=n_ok[:, None] & p_ok[None, :], other=0.0)                        # [BK, BP]
+        if hinT.dtype == tl.float32:                                                         # tf32 (or IEEE)
+            acc += _dot(Ck.to(tl.float32) * scale, hinT, IEEE)
+        else:                                                                                # states in x's dtype
+            acc += _dot((Ck.to(tl.float32) * scale).to(hinT.dtype), hinT, IEEE)
     xp_offs = x_base + (i[:, None] * (H * P) + p[None, :])
     xs = tl.load(x_ptr + xp_offs, mask=t_ok[:, None] & p_ok[None, :], other=0.0)             # [Q, BP]
     seg = tl.where(i[:, None] >= i[None, :], acs[:, None] - acs[None, :], float("-inf"))
@@ -263,7 +268,7 @@ def _state_passing_bwd_kernel(e_ptr, hin_ptr, acs_ptr, dhT_ptr, dh0_ptr, dlast_p
         base = ((b * n_chunks + c) * H + h) * PN + offs
         local = tl.load(e_ptr + base, mask=m, other=0.0)
         tl.store(e_ptr + base, gr, mask=m)
-        hin = tl.load(hin_ptr + base, mask=m, other=0.0)
+        hin = tl.load(hin_ptr + base, mask=m, other=0.0).to(tl.float32)
         decay = tl.exp(tl.load(acs_ptr + ((b * H + h) * n_chunks + c) * Q + Q - 1))
         tl.store(dlast_ptr + ((pid * batch + b) * H + h) * n_chunks + c, decay * tl.sum(gr * hin, axis=0))
         gr = local + decay * gr
@@ -340,7 +345,7 @@ def _chunk_bwd_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, dtraw_ptr, bias_ptr, A_ptr, D
         Ck = tl.load(C_ptr + bc_offs, mask=bc_mask, other=0.0)
         st_offs = state_base + (p[:, None] * N + n[None, :])
         st_mask = p_ok[:, None] & n_ok[None, :]
-        hin = tl.load(hin_ptr + st_offs, mask=st_mask, other=0.0)                           # [BP, BK] fp32
+        hin = tl.load(hin_ptr + st_offs, mask=st_mask, other=0.0).to(tl.float32)            # [BP, BK]
         dst = tl.load(dst_ptr + st_offs, mask=st_mask, other=0.0)
         SB += _dot(Bk.to(tl.float32), tl.trans(dst), IEEE)
         HC += _dot(Ck.to(tl.float32), tl.trans(hin), IEEE)
@@ -385,12 +390,16 @@ def _chunk_bwd_kernel(x_ptr, dy_ptr, B_ptr, C_ptr, dtraw_ptr, bias_ptr, A_ptr, D
 @dataclass(frozen=True)
 class SSDConfig:
     """Launch parameters. ``chunk``: Q positions per chunk (power of two ≥ 16); warps per kernel family;
-    ``block_n``: the d_state block the chunk-scan and backward kernels walk (power of two ≥ 16)."""
+    ``block_n``: the d_state block the chunk-scan and backward kernels walk (power of two ≥ 16);
+    ``lowp_states``: keep the states entering the chunks in x's dtype when that is fp16/bf16 (half the memory and
+    traffic of the largest intermediate, bf16/fp16 tensor-core products with them; as upstream does) instead of
+    fp32."""
     chunk: int = 64
     warps_state: int = 4
     warps_scan: int = 8
     warps_bwd: int = 8
     block_n: int = 32
+    lowp_states: bool = False   # states entering chunks kept in x's dtype when it is fp16/bf16 (as upstream)
 
 
 DEFAULT_CONFIG = SSDConfig()
@@ -402,6 +411,7 @@ BENCH_CONFIGS = {
     "q64-4w": SSDConfig(64, 4, 4, 4),
     "q64-bn16": SSDConfig(64, 4, 8, 8, 16),
     "q32": SSDConfig(32, 4, 4, 4),
+    "q64-lowp-states": SSDConfig(lowp_states=True),
 }
 
 
@@ -465,10 +475,12 @@ def _fwd(x, dt, A, B, C, D, dt_bias, h0, softplus, dt_limit, cfg: SSDConfig):
         x, B, dt_out, acs, states, L, H, G, P, N, nc, MODE=0, IEEE=ieee, Q=Q, BP=BPs, BN=BNs,
         num_warps=cfg.warps_state)
     hT = torch.empty(batch, H, P, N, device=dev, dtype=torch.float32)
+    hin = torch.empty_like(states, dtype=x.dtype) if cfg.lowp_states and x.dtype != torch.float32 else states
     BLOCK = min(1024, triton.next_power_of_2(P * N))
     _state_passing_fwd_kernel[(triton.cdiv(P * N, BLOCK), batch, H)](
-        states, acs, h0 if h0 is not None else hT, hT, P * N, H, _loop_bound(nc),
+        states, hin, acs, h0 if h0 is not None else hT, hT, P * N, H, _loop_bound(nc),
         HAS_H0=h0 is not None, Q=Q, BLOCK=BLOCK)
+    states = hin
     y = torch.empty_like(x)
     BP = min(64, _p2(P))
     _chunk_scan_fwd_kernel[(triton.cdiv(P, BP), batch * nc, H)](
@@ -521,8 +533,9 @@ def _bwd(x, dt, A, B, C, D, dt_bias, softplus, dt_limit, dt_out, acs, states, dy
 
 
 class SSDScanTriton(torch.autograd.Function):
-    """Autograd wrapper: the forward saves dt, the chunk cumsums and the states entering every chunk (fp32
-    [batch, n_chunks, H, P, N]); the backward recomputes everything else per chunk."""
+    """Autograd wrapper: the forward saves dt, the chunk cumsums and the states entering every chunk
+    ([batch, n_chunks, H, P, N], fp32 or with ``lowp_states`` x's dtype); the backward recomputes the rest per
+    chunk."""
 
     @staticmethod
     def forward(ctx, x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus, dt_limit, cfg):
