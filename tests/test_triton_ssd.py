@@ -61,7 +61,8 @@ def make_inputs(batch, L, H, P, G, N, *, D_kind, has_bias, has_h0, act_dtype, de
     def rnd(*shape, dtype=act_dtype, scale=1.0, shift=0.0):
         return (torch.randn(*shape, generator=g) * scale + shift).to(device=device, dtype=dtype)
 
-    D = {"none": None, "head": rnd(H, dtype=torch.float32), "channel": rnd(H, P, dtype=torch.float32)}[D_kind]
+    D = {"none": None, "head": rnd(H, dtype=torch.float32), "head1": rnd(H, 1, dtype=torch.float32),
+         "channel": rnd(H, P, dtype=torch.float32)}[D_kind]
     return dict(
         x=rnd(batch, L, H, P), dt=rnd(batch, L, H, scale=0.5, shift=-1.0),
         A=(-(0.5 + 3.5 * torch.rand(H, generator=g))).to(device),
@@ -110,7 +111,7 @@ INTERP_CASES = [
     (40, 4, 16, 1, 16, "head", True, True, True, (0.0, math.inf), 16, "fp32"),       # 3 chunks, last partial
     (33, 2, 3, 2, 7, "none", False, False, True, (0.0, math.inf), 16, "fp32"),
     (37, 4, 8, 4, 5, "channel", True, False, True, (0.15, 0.45), 16, "fp32"),        # clamp binds both sides
-    (32, 2, 4, 1, 8, "head", False, True, False, (0.0, math.inf), 16, "fp32"),       # no softplus (dt = |..|)
+    (32, 2, 4, 1, 8, "head1", False, True, False, (0.0, math.inf), 16, "fp32"),      # no softplus; D [H, 1]
     (70, 2, 4, 1, 6, "head", True, True, True, (0.0, math.inf), 32, "fp32"),         # chunk 32
     (45, 2, 20, 1, 40, "head", True, True, True, (0.0, math.inf), 16, "fp32"),       # 2 d_state blocks of 32
     (29, 4, 8, 2, 16, "head", True, True, True, (0.0, math.inf), 16, "bf16"),

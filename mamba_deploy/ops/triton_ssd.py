@@ -439,8 +439,8 @@ def _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, chunk_size):
     G, N = B.shape[2], B.shape[3]
     if G < 1 or H % G:
         raise ValueError(f"ngroups ({G}) must divide nheads ({H})")
-    if D is not None and D.shape not in ((H,), (H, P)):
-        raise ValueError(f"D must be [nheads] or [nheads, headdim]; got {tuple(D.shape)}")
+    if D is not None and D.shape not in ((H,), (H, 1), (H, P)):
+        raise ValueError(f"D must be [nheads], [nheads, 1] or [nheads, headdim]; got {tuple(D.shape)}")
     if dt_bias is not None and dt_bias.shape != (H,):
         raise ValueError(f"dt_bias must be [nheads] = [{H}]; got {tuple(dt_bias.shape)}")
     if initial_state is not None and initial_state.shape != (batch, H, P, N):
@@ -569,7 +569,7 @@ def ssd_scan_triton(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, dt
 
     x: [batch, L, nheads, headdim] (fp32/fp16/bf16); dt: [batch, L, nheads] (raw, before dt_bias and softplus);
     A: [nheads] fp32 (A = −exp(A_log)); B, C: [batch, L, ngroups, d_state] (ngroups divides nheads; head h uses
-    group h // (nheads/ngroups)); D: [nheads] or [nheads, headdim] or None; dt_bias: [nheads] or None;
+    group h // (nheads/ngroups)); D: [nheads], [nheads, 1] or [nheads, headdim] or None; dt_bias: [nheads] or None;
     initial_state: [batch, nheads, headdim, d_state] or None (zeros); dt_limit: (min, max) clamp after softplus.
     The z gate is left to the caller. Differentiable in every tensor argument; raises ValueError on bad shapes.
     Same arguments as upstream ``mamba_chunk_scan_combined`` (ssd_combined.py) minus z / seq_idx / varlen.
@@ -578,5 +578,7 @@ def ssd_scan_triton(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, dt
     if chunk_size is not None:
         cfg = dataclasses.replace(cfg, chunk=chunk_size)
     _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, cfg.chunk)
+    if D is not None and D.dim() == 2 and D.shape[1] == 1 and x.shape[3] != 1:
+        D = D.reshape(-1)                      # the graph contract's per-head [H, 1]; autograd maps ∂D back
     return SSDScanTriton.apply(x, dt, A, B, C, D, dt_bias, initial_state, dt_softplus,
                                (float(dt_limit[0]), float(dt_limit[1])), cfg)
