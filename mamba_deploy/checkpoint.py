@@ -1,9 +1,13 @@
-"""Find, read and write Mamba-1 checkpoints in both formats.
+"""Find, read and write checkpoints of any registered family in both formats.
 
 * state-spaces: ``config.json`` (d_model …) + ``pytorch_model.bin`` (or ``model.safetensors``), keys
   ``backbone.embedding.weight``, ``backbone.layers.N.{norm,mixer.*}``, ``backbone.norm_f.weight``, ``lm_head.weight``.
 * hf ("-hf"): ``config.json`` (hidden_size …) + ``model.safetensors`` (or sharded with
   ``model.safetensors.index.json``), ``backbone.embeddings.weight``, lm_head tied and usually absent.
+
+Names, shapes and the renaming between the two formats come from the family's weight table
+(``families.weight_table``); config.json of either dialect from the family (``Family.config_to_json``, which refuses
+a field the dialect cannot hold).
 
 Loading builds the model on the meta device and *assigns* each tensor as it is read (cast one tensor at a time),
 so at no point are two full copies of the weights in memory.
@@ -19,21 +23,22 @@ from typing import Iterator
 
 import torch
 
-from .config import HF, STATE_SPACES, MambaConfig, read_config
+from .artifact import parse_dtype
 from .errors import UserError
+from .families import HF, STATE_SPACES, family_of, read_config, weight_table
+from .families.base import HF_EMBEDDING
 from .io import atomic_directory
 from .model import MambaLM
 
 WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
                 "pytorch_model.bin")
-HF_EMBED, SS_EMBED = "backbone.embeddings.weight", "backbone.embedding.weight"
 
 
 @dataclasses.dataclass
 class CheckpointInfo:
     ref: str              # what the user gave (hub id or path)
     path: Path            # local directory holding it
-    config: MambaConfig
+    config: object        # the family's config (MambaConfig for Mamba-1)
     config_format: str    # dialect of config.json: "state-spaces" or "hf"
     weights_file: str     # which file of WEIGHT_FILES was found
     weight_format: str    # key naming of the weights: "state-spaces" or "hf"
@@ -84,7 +89,7 @@ def inspect(ref: str | os.PathLike) -> CheckpointInfo:
     if weights_file is None:
         raise UserError(f"{path} has a config.json but no weights (expected one of {', '.join(WEIGHT_FILES)})")
     shapes = dict(_iter_tensors(path / weights_file, shapes_only=True))
-    weight_format = HF if HF_EMBED in shapes else STATE_SPACES
+    weight_format = HF if HF_EMBEDDING in shapes else STATE_SPACES
     return CheckpointInfo(str(ref), path, config, dialect, weights_file, weight_format, shapes)
 
 
@@ -136,17 +141,14 @@ def _iter_tensors(file: Path, shapes_only: bool = False) -> Iterator[tuple[str, 
             raise _corrupt(shard, e) from None
 
 
-def _to_model_key(name: str) -> str:
-    return SS_EMBED if name == HF_EMBED else name
+def _model_keys(config) -> dict[str, str]:
+    """Stored name (either format) → parameter name, for every name that differs between the formats."""
+    return {w.hf_name: w.name for w in weight_table(config) if w.hf_name != w.name}
 
 
-def expected_shapes(config: MambaConfig) -> dict[str, tuple[int, ...]]:
+def expected_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every parameter the config needs, by state-spaces name (lm_head omitted when tied)."""
-    with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in MambaLM(config).state_dict(keep_vars=True).items()}
-    if config.tie_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
+    return {w.name: w.shape for w in weight_table(config)}
 
 
 def _listing(label: str, items: list[str]) -> str:
@@ -158,14 +160,16 @@ def verify_weights(info: CheckpointInfo) -> None:
     """Compare the stored names and shapes (read once by ``inspect``) with what the config needs. Raises a
     UserError listing every missing, unexpected or mis-shaped key."""
     want = expected_shapes(info.config)
-    found = {_to_model_key(k): (k, shape) for k, shape in info.stored_shapes.items()}
+    rename = _model_keys(info.config)
+    found = {rename.get(k, k): (k, shape) for k, shape in info.stored_shapes.items()}
     tied_head = found.pop("lm_head.weight", None) if info.config.tie_embeddings else None
     missing = [k for k in want if k not in found]
     unexpected = [name for k, (name, _) in found.items() if k not in want]
     misshaped = [f"{name} {shape} (config needs {want[k]})" for k, (name, shape) in found.items()
                  if k in want and shape != want[k]]
-    if tied_head is not None and tied_head[1] != want[SS_EMBED]:
-        misshaped.append(f"lm_head.weight {tied_head[1]} (tied to the embedding {want[SS_EMBED]})")
+    embedding = weight_table(info.config)[0].name
+    if tied_head is not None and tied_head[1] != want[embedding]:
+        misshaped.append(f"lm_head.weight {tied_head[1]} (tied to the embedding {want[embedding]})")
     problems = [_listing(label, items) for label, items in
                 (("mis-shaped", misshaped), ("missing", missing), ("unexpected", unexpected)) if items]
     if problems:
@@ -175,7 +179,7 @@ def verify_weights(info: CheckpointInfo) -> None:
 
 def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu",
                scan_backend: str = "auto") -> MambaLM:
-    """Load a Mamba-1 checkpoint (local directory or hub id, either format). Strict: any missing, unexpected or
+    """Load a checkpoint (local directory or hub id, either format, any registered family). Strict: any missing, unexpected or
     mis-shaped key is an error that lists them. ``dtype`` None keeps the stored dtype."""
     info = inspect(ref)
     verify_weights(info)
@@ -183,8 +187,9 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, d
     with torch.device("meta"):
         model = MambaLM(info.config, scan_backend=scan_backend)
     loaded: dict[str, torch.Tensor] = {}
+    rename = _model_keys(info.config)
     for name, tensor in _iter_tensors(info.path / info.weights_file):
-        key = _to_model_key(name)
+        key = rename.get(name, name)
         if key == "lm_head.weight" and info.config.tie_embeddings:
             continue
         loaded[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
@@ -202,20 +207,21 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, d
 # ---- writing ---------------------------------------------------------------------------------------------------
 def save_model(model: MambaLM, out_dir: str | os.PathLike, fmt: str = STATE_SPACES, safetensors: bool = True,
                force: bool = False) -> Path:
-    """Write ``model`` as a checkpoint directory of format ``fmt`` ("state-spaces" or "hf"), atomically."""
+    """Write ``model`` as a checkpoint directory of format ``fmt`` ("state-spaces" or "hf"), atomically. A config
+    field that format's config.json cannot hold is a one-line UserError naming it (before anything is written)."""
     if fmt not in (STATE_SPACES, HF):
         raise UserError(f"unknown checkpoint format '{fmt}'; choose state-spaces or hf")
+    config = model.config
+    cfg = family_of(config).config_to_json(config, fmt)
     out = Path(out_dir)
     with atomic_directory(out, force=force, is_ours=is_our_checkpoint, what="checkpoint", option="--out") as tmp:
-        cfg = model.config.to_state_spaces_json() if fmt == STATE_SPACES else model.config.to_hf_json()
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
         sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        if config.tie_embeddings and (fmt == HF or safetensors):
+            sd.pop("lm_head.weight")  # torch.save keeps the tie; safetensors cannot share, HF omits the tied head
         if fmt == HF:
-            sd[HF_EMBED] = sd.pop(SS_EMBED)
-            if model.config.tie_embeddings:
-                sd.pop("lm_head.weight")
-        elif model.config.tie_embeddings:
-            sd.pop("lm_head.weight") if safetensors else None  # torch.save keeps the tie; safetensors can't share
+            rename = {w.name: w.hf_name for w in weight_table(config)}
+            sd = {rename.get(k, k): v for k, v in sd.items()}
         if safetensors:
             from safetensors.torch import save_file
             save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt", MARKER_KEY: MARKER_VALUE})
@@ -239,20 +245,3 @@ def is_our_checkpoint(path: Path) -> bool:
             return (f.metadata() or {}).get(MARKER_KEY) == MARKER_VALUE
     except Exception:  # unreadable header: not something we can vouch for
         return False
-
-
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-           "half": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return _DTYPES[str(dtype).lower()]
-    except KeyError:
-        raise UserError(f"unknown dtype '{dtype}'; choose fp32, fp16 or bf16") from None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]

@@ -81,11 +81,11 @@ class Generation:
 
 def generate(session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
              params: SamplingParams = SamplingParams(), seed: int = 0, stop_ids: Iterable[int] = (),
-             vocab_size: int | None = None,
              on_token: Callable[[int, int], None] | None = None) -> Generation:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens on ``session``.
 
-    ``vocab_size``: sample only among the first ``vocab_size`` logits (the real vocabulary; the logits are padded).
+    Only the first ``session.vocab_size`` logits (the tokenizer vocabulary) are sampled from: the logits are
+    ``session.padded_vocab_size`` wide and the ids beyond the vocabulary are padding rows, never a token.
     ``on_token(i, token)`` is called as soon as prompt ``i`` gets a token (for streaming).
     """
     if not prompts:
@@ -118,9 +118,10 @@ def generate(session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32
     logits = torch.cat(logits)
     state = MambaState.cat(states) if b > 1 else states[0]
 
+    vocab_size = session.vocab_size
     active = list(range(b))                      # prompt index of each batch row
     for t in range(max_new_tokens):
-        lg = logits[:, :vocab_size] if vocab_size else logits
+        lg = logits[:, :vocab_size]
         if params.greedy:
             tokens = sample(lg, params)
         else:

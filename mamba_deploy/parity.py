@@ -25,7 +25,8 @@ import torch
 from .errors import UserError
 from .io import atomic_write
 from .model import MambaState
-from .onnx.contract import STEP_GRAPH, conv_state_name, ssm_state_name
+from .artifact import CHECK_STEP0_INPUTS, CHECK_STEP0_OUTPUTS, STEP_GRAPH
+from .onnx.contract import conv_state_name, ssm_state_name
 
 REFERENCE = "torch-reference"
 
@@ -190,8 +191,8 @@ def save_step0(out_dir: Path, step0: dict, state_dtype=None) -> dict:
     for i, (c, s) in enumerate(zip(state.conv, state.ssm)):
         feed[conv_state_name(i)] = _np(c.to(state_dtype) if state_dtype is not None else c)
         feed[ssm_state_name(i)] = _np(s.float())
-    inputs_path = out_dir / "step0_inputs.json"
-    outputs_path = out_dir / "step0_reference_outputs.json"
+    inputs_path = out_dir / CHECK_STEP0_INPUTS
+    outputs_path = out_dir / CHECK_STEP0_OUTPUTS
     results = RunResults()
     results.add([step0["outputs"]], runner_name=REFERENCE)
     with G_LOGGER.verbosity(G_LOGGER.ERROR):

@@ -147,13 +147,13 @@ def test_generate_onnxruntime_matches_torch_and_batches(artifact):
     ort = open_session(artifact, "onnxruntime")
     ref = open_session(artifact, "torch")             # the artifact's source checkpoint
     for params in (SamplingParams(), SamplingParams(temperature=0.8, top_k=20)):
-        batched = generate(ort, prompts, max_new_tokens=8, params=params, seed=4, vocab_size=96).tokens
-        alone = [generate(ort, [p], max_new_tokens=8, params=params, seed=4, vocab_size=96).tokens[0]
+        batched = generate(ort, prompts, max_new_tokens=8, params=params, seed=4).tokens
+        alone = [generate(ort, [p], max_new_tokens=8, params=params, seed=4).tokens[0]
                  for p in prompts]
         assert batched == alone
-        assert batched == generate(ref, prompts, max_new_tokens=8, params=params, seed=4, vocab_size=96).tokens
+        assert batched == generate(ref, prompts, max_new_tokens=8, params=params, seed=4).tokens
     r = CliRunner().invoke(main, ["generate", "--artifact", str(artifact), "--backend", "onnxruntime",
                                   "--prompt-ids", "5,17,3", "-n", "8"])
     assert r.exit_code == 0, r.output
-    want = generate(ref, [prompts[0]], max_new_tokens=8, vocab_size=96).tokens[0]
+    want = generate(ref, [prompts[0]], max_new_tokens=8).tokens[0]
     assert r.stdout.strip() == "5,17,3 | " + " ".join(map(str, want))

@@ -39,39 +39,36 @@ def test_greedy_matches_full_forward_and_is_deterministic(session):
     vocab = session.model.config.vocab_size
     for p in PROMPTS:
         want = greedy_by_full_forward(session.model, p, 12, vocab)
-        got = generate(session, [p], max_new_tokens=12, vocab_size=vocab).tokens[0]
+        got = generate(session, [p], max_new_tokens=12).tokens[0]
         assert got == want
-        assert generate(session, [p], max_new_tokens=12, vocab_size=vocab).tokens[0] == got
+        assert generate(session, [p], max_new_tokens=12).tokens[0] == got
 
 
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(temperature=1.0),
                                     SamplingParams(temperature=0.7, top_k=5, top_p=0.9)],
                          ids=["greedy", "t1", "t0.7-k5-p0.9"])
 def test_batch_of_different_lengths_equals_each_alone(session, params):
-    vocab = session.model.config.vocab_size
-    batched = generate(session, PROMPTS, max_new_tokens=10, params=params, seed=11, vocab_size=vocab).tokens
-    alone = [generate(session, [p], max_new_tokens=10, params=params, seed=11, vocab_size=vocab).tokens[0]
+    batched = generate(session, PROMPTS, max_new_tokens=10, params=params, seed=11).tokens
+    alone = [generate(session, [p], max_new_tokens=10, params=params, seed=11).tokens[0]
              for p in PROMPTS]
     assert batched == alone
     assert all(len(t) == 10 for t in batched)
 
 
 def test_sampling_reproducible_per_seed(session):
-    vocab = session.model.config.vocab_size
     p = SamplingParams(temperature=1.5)
-    a = generate(session, PROMPTS, max_new_tokens=16, params=p, seed=1, vocab_size=vocab).tokens
-    b = generate(session, PROMPTS, max_new_tokens=16, params=p, seed=1, vocab_size=vocab).tokens
-    c = generate(session, PROMPTS, max_new_tokens=16, params=p, seed=2, vocab_size=vocab).tokens
+    a = generate(session, PROMPTS, max_new_tokens=16, params=p, seed=1).tokens
+    b = generate(session, PROMPTS, max_new_tokens=16, params=p, seed=1).tokens
+    c = generate(session, PROMPTS, max_new_tokens=16, params=p, seed=2).tokens
     assert a == b
     assert a != c          # 48 draws at temperature 1.5 over 96 tokens: equal by chance is negligible
-    assert all(0 <= t < vocab for seq in a for t in seq)
+    assert all(0 <= t < session.vocab_size for seq in a for t in seq)
 
 
 def test_top_k1_and_tiny_top_p_are_greedy(session):
-    vocab = session.model.config.vocab_size
-    greedy = generate(session, PROMPTS, max_new_tokens=10, vocab_size=vocab).tokens
+    greedy = generate(session, PROMPTS, max_new_tokens=10).tokens
     for p in (SamplingParams(temperature=1.0, top_k=1), SamplingParams(temperature=2.0, top_p=1e-6)):
-        assert generate(session, PROMPTS, max_new_tokens=10, params=p, seed=5, vocab_size=vocab).tokens == greedy
+        assert generate(session, PROMPTS, max_new_tokens=10, params=p, seed=5).tokens == greedy
 
 
 def test_sample_distribution_and_filters():
@@ -93,10 +90,9 @@ def test_sample_distribution_and_filters():
 
 
 def test_stop_ids_end_only_that_sequence(session):
-    vocab = session.model.config.vocab_size
-    alone = [generate(session, [p], max_new_tokens=12, vocab_size=vocab).tokens[0] for p in PROMPTS]
+    alone = [generate(session, [p], max_new_tokens=12).tokens[0] for p in PROMPTS]
     stop = alone[1][3]                                   # a token prompt 1 emits at its 4th step
-    res = generate(session, PROMPTS, max_new_tokens=12, stop_ids=[stop], vocab_size=vocab)
+    res = generate(session, PROMPTS, max_new_tokens=12, stop_ids=[stop])
     for seq, full, stopped in zip(res.tokens, alone, res.stopped):
         if stop in full:
             k = full.index(stop)
@@ -108,7 +104,7 @@ def test_stop_ids_end_only_that_sequence(session):
 
 def test_streaming_order_and_sampling_param_errors(session):
     events = []
-    res = generate(session, PROMPTS, max_new_tokens=4, vocab_size=96, on_token=lambda i, t: events.append((i, t)))
+    res = generate(session, PROMPTS, max_new_tokens=4, on_token=lambda i, t: events.append((i, t)))
     assert [t for i, t in events if i == 2] == res.tokens[2]
     assert [i for i, _ in events[:3]] == [0, 1, 2]       # one token per prompt per step, in order
     from mamba_deploy.errors import UserError
@@ -129,8 +125,7 @@ def word_tokenizer(path, vocab: int = 96):
 
 
 def test_cli_prompt_ids_single_and_batch(ckpt, session):
-    vocab = session.model.config.vocab_size
-    want = [generate(session, [p], max_new_tokens=6, vocab_size=vocab).tokens[0] for p in PROMPTS]
+    want = [generate(session, [p], max_new_tokens=6).tokens[0] for p in PROMPTS]
     r = CliRunner().invoke(main, ["generate", "--model", str(ckpt), "--prompt-ids", "5,17,3", "-n", "6"])
     assert r.exit_code == 0, r.output
     assert r.stdout.strip() == "5,17,3 | " + " ".join(map(str, want[0]))
@@ -148,7 +143,7 @@ def test_cli_text_prompt_with_tokenizer(ckpt, session, tmp_path):
     tok = word_tokenizer(tmp_path / "tokenizer.json")
     prompt = "w5 w17 w3"
     assert tok.encode(prompt).ids == PROMPTS[0]
-    want = generate(session, [PROMPTS[0]], max_new_tokens=5, vocab_size=96).tokens[0]
+    want = generate(session, [PROMPTS[0]], max_new_tokens=5).tokens[0]
     r = CliRunner().invoke(main, ["generate", "--model", str(ckpt), "--tokenizer", str(tmp_path / "tokenizer.json"),
                                   "--prompt", prompt, "-n", "5", "--temperature", "0"])
     assert r.exit_code == 0, r.output

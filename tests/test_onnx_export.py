@@ -11,10 +11,11 @@ import pytest
 from click.testing import CliRunner
 
 from mamba_deploy.cli import main
+from mamba_deploy import artifact
+from mamba_deploy.artifact import WEIGHTS_FILE, read_manifest
 from mamba_deploy.onnx import contract
-from mamba_deploy.onnx.export import WEIGHTS_FILE, export, max_opset
+from mamba_deploy.onnx.export import export, max_opset
 from mamba_deploy.onnx.functions import is_standard_domain
-from mamba_deploy.onnx.manifest import read_manifest
 
 N_LAYER = 2  # conftest.TINY
 
@@ -51,7 +52,7 @@ def all_nodes(nodes):
 @pytest.mark.parametrize("dtype", [None, "fp16", "bf16"])
 def test_checker_and_one_custom_node_per_layer(artifacts, fmt, dtype):
     art = artifacts(fmt, dtype)
-    for graph, op in ((contract.STEP_GRAPH, "SelectiveScanStep"), (contract.PREFILL_GRAPH, "SelectiveScan")):
+    for graph, op in ((artifact.STEP_GRAPH, "SelectiveScanStep"), (artifact.PREFILL_GRAPH, "SelectiveScan")):
         onnx.checker.check_model(str(art / graph), full_check=True)
         model = load(art, graph)
         assert model.ir_version == contract.IR_VERSION
@@ -82,7 +83,7 @@ def test_prefill_scan_is_a_loop_independent_of_seq(artifacts):
     """The graph has no sequence length baked in: the scan is an ONNX Scan inside SelectiveScan's body, and every
     axis named seq is symbolic; node counts are the same for an export that also returns all logits."""
     art = artifacts()
-    model = load(art, contract.PREFILL_GRAPH)
+    model = load(art, artifact.PREFILL_GRAPH)
     (fn,) = [f for f in model.functions if f.name == "SelectiveScan"]
     scans = [n for n in fn.node if n.op_type == "Scan"]
     assert len(scans) == 1
@@ -92,10 +93,10 @@ def test_prefill_scan_is_a_loop_independent_of_seq(artifacts):
     assert [d.dim_param for d in ids] == ["batch", "seq"]
     n_nodes = len(list(all_nodes(model.graph.node))) + sum(len(list(all_nodes(f.node))) for f in model.functions)
     assert n_nodes < 400  # tiny model, 2 layers: a graph unrolled over a sequence would be far larger
-    other = load(artifacts(all_logits=True), contract.PREFILL_GRAPH)
+    other = load(artifacts(all_logits=True), artifact.PREFILL_GRAPH)
     assert abs(len(other.graph.node) - len(model.graph.node)) < 20  # only the head differs
     # the step graph holds no Scan/Loop at all
-    step = load(art, contract.STEP_GRAPH)
+    step = load(art, artifact.STEP_GRAPH)
     assert not [n for n in all_nodes(step.graph.node) if n.op_type in ("Scan", "Loop")]
     assert not [n for f in step.functions for n in all_nodes(f.node) if n.op_type in ("Scan", "Loop")]
 
@@ -103,8 +104,8 @@ def test_prefill_scan_is_a_loop_independent_of_seq(artifacts):
 def test_manifest(artifacts, tiny_checkpoint):
     art = artifacts("hf", "fp16", all_logits=True)
     m = read_manifest(art, verify=True)
-    assert m["format_version"] == contract.ARTIFACT_FORMAT_VERSION
-    assert m["exporter"]["name"] == contract.EXPORTER_NAME
+    assert m["format_version"] == artifact.FORMAT_VERSION
+    assert m["exporter"]["name"] == artifact.EXPORTER_NAME
     assert m["source"]["checkpoint"] == str(tiny_checkpoint("hf").resolve())
     assert m["config"]["d_model"] == 32 and m["dims"]["d_inner"] == 64 and m["dims"]["n_layer"] == N_LAYER
     assert m["dtype"] == "fp16" and m["dtypes"]["ssm_state"] == "float32" and m["dtypes"]["logits"] == "float32"
@@ -126,7 +127,7 @@ def test_manifest(artifacts, tiny_checkpoint):
 
 def test_newest_opset_exports(artifacts):
     art = artifacts(opset=max_opset())
-    onnx.checker.check_model(str(art / contract.PREFILL_GRAPH), full_check=True)
+    onnx.checker.check_model(str(art / artifact.PREFILL_GRAPH), full_check=True)
     assert read_manifest(art)["onnx"]["opset"] == max_opset()
 
 
@@ -154,12 +155,12 @@ def test_cli_export_default_dir_force_and_refusal(tiny_checkpoint, tmp_path, mon
     assert ok.exit_code == 0, ok.output
     out = tmp_path / "export" / ckpt.name
     assert read_manifest(out, verify=True)["dtype"] == "fp16"
-    before = (out / contract.MANIFEST).read_text()
+    before = (out / artifact.MANIFEST).read_text()
     # existing --out without --force: one-line error, exit 2, the artifact untouched
     again = run_cli("export", "--model", ckpt)
     assert again.exit_code == 2
     assert "already exists" in error_line(again) and "--force" in error_line(again)
-    assert (out / contract.MANIFEST).read_text() == before
+    assert (out / artifact.MANIFEST).read_text() == before
     # --force replaces it (fp32 now), leaving no temporary or old directories behind
     forced = run_cli("export", "--model", ckpt, "--force")
     assert forced.exit_code == 0, forced.output
@@ -187,7 +188,7 @@ def test_failed_export_leaves_nothing(tiny_checkpoint, tmp_path, monkeypatch):
     def broken(*a, **k):
         raise RuntimeError("simulated failure")
 
-    monkeypatch.setattr(export_module.MambaGraphs, "prefill_graph", broken)
+    monkeypatch.setattr(export_module.LMGraphs, "prefill_graph", broken)
     with pytest.raises(RuntimeError, match="simulated"):
         export(tiny_checkpoint(), tmp_path / "art")
     assert list(tmp_path.iterdir()) == []
@@ -202,15 +203,15 @@ def test_read_manifest_errors(artifacts, tmp_path):
         read_manifest(tmp_path)
     art = tmp_path / "copy"
     shutil.copytree(artifacts(), art)
-    manifest = json.loads((art / contract.MANIFEST).read_text())
-    (art / contract.MANIFEST).write_text("{not json")
+    manifest = json.loads((art / artifact.MANIFEST).read_text())
+    (art / artifact.MANIFEST).write_text("{not json")
     with pytest.raises(UserError, match="not valid JSON"):
         read_manifest(art)
-    (art / contract.MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
+    (art / artifact.MANIFEST).write_text(json.dumps({**manifest, "format_version": 99}))
     with pytest.raises(UserError, match="format 99") as e:
         read_manifest(art)
     assert "\n" not in str(e.value)
-    (art / contract.MANIFEST).write_text(json.dumps(manifest))
+    (art / artifact.MANIFEST).write_text(json.dumps(manifest))
     with open(art / WEIGHTS_FILE, "r+b") as f:  # flip one byte of the weights
         f.seek(4096 + 3)
         byte = f.read(1)

@@ -12,9 +12,10 @@ import torch
 from mamba_deploy.checkpoint import load_model
 from mamba_deploy.errors import UserError
 from mamba_deploy.model import MambaState
+from mamba_deploy import artifact as spec
+from mamba_deploy.artifact import DEFAULT_TOLERANCES
 from mamba_deploy.onnx import contract
 from mamba_deploy.onnx.export import export
-from mamba_deploy.onnx.tolerances import DEFAULT_TOLERANCES
 from mamba_deploy.runtime.session import open_session
 
 FP32_ATOL = 1e-5  # the bound on the max abs logit error of an fp32 artifact
@@ -185,10 +186,10 @@ def test_bad_state_and_ids(artifact):
 def test_bad_artifacts(artifact, tiny_checkpoint, tmp_path):
     art = tmp_path / "other-version"
     shutil.copytree(artifact(), art)
-    manifest = json.loads((art / contract.MANIFEST).read_text())
-    manifest["format_version"] = contract.ARTIFACT_FORMAT_VERSION + 1
+    manifest = json.loads((art / spec.MANIFEST).read_text())
+    manifest["format_version"] = spec.FORMAT_VERSION + 1
     manifest["exporter"]["version"] = "9.9.9"
-    (art / contract.MANIFEST).write_text(json.dumps(manifest))
+    (art / spec.MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(UserError, match="9.9.9") as e:
         open_session(art, backend="onnxruntime")
     one_line(e)
@@ -201,7 +202,7 @@ def test_bad_artifacts(artifact, tiny_checkpoint, tmp_path):
     # a modified graph file is caught by the checksum (skipped with verify=False)
     art2 = tmp_path / "modified"
     shutil.copytree(artifact(), art2)
-    with open(art2 / contract.STEP_GRAPH, "ab") as f:
+    with open(art2 / spec.STEP_GRAPH, "ab") as f:
         f.write(b"\0")
     with pytest.raises(UserError, match="bytes"):
         open_session(art2, backend="onnxruntime")

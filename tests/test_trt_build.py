@@ -261,8 +261,9 @@ def test_trt_session_ping_pong_and_chunked_prefill_match_torch(tiny_checkpoint):
     model = load_model(tiny_checkpoint(n_layer=N_LAYER))
     ref = TorchSession(model)
     sess = object.__new__(TensorRTSession)  # no GPU/TensorRT here: wire the stand-in engines in by hand
-    sess.n_layer, sess.d_inner, sess.d_conv, sess.d_state = ref.n_layer, ref.d_inner, ref.d_conv, ref.d_state
-    sess.vocab_size, sess.state_dtype, sess.device = ref.vocab_size, ref.state_dtype, torch.device("cpu")
+    for name in ("n_layer", "vocab_size", "padded_vocab_size", "conv_shape", "ssm_shape", "state_dtype"):
+        setattr(sess, name, getattr(ref, name))
+    sess.device = torch.device("cpu")
     sess.engines = {"step": _ModelEngine(model, "step", 1), "prefill": _ModelEngine(model, "prefill", 4)}
     sess.all_logits, sess.max_batch, sess.cuda_graph, sess._pools, sess._graphs = False, 4, False, {}, {}
 

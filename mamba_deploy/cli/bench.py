@@ -62,9 +62,9 @@ def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen
     import torch
     from tqdm.auto import tqdm
 
+    from ..artifact import parse_dtype
     from ..bench import format_table, load_source, plot_decode, run_bench
     from ..io import write_json
-    from ..checkpoint import parse_dtype
     from ..errors import UserError
     from ..runtime.session import BACKENDS
 

@@ -34,7 +34,8 @@ def command(artifact, precision, max_batch, max_prefill_len, no_plugin, timing_c
     Works with TensorRT >= 10 or TensorRT-RTX (pip install 'mamba-deploy[tensorrt]'); TensorRT-RTX builds
     without a GPU. Running the engines needs a GPU that flavor supports (see README).
     """
-    from ..trt.builder import BUILD_REPORT, build
+    from ..artifact import BUILD_REPORT
+    from ..trt.builder import build
 
     report = build(artifact, precision=precision, max_batch=max_batch, max_prefill_len=max_prefill_len,
                    use_plugin=not no_plugin, timing_cache_file=timing_cache, graphs=graphs or ("step", "prefill"),

@@ -20,7 +20,7 @@ from ..errors import CheckFailed, UserError
 @click.option("--batch", type=int, default=2, show_default=True, help="Sequences per run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
 @click.option("--atol", type=float, default=None,
-              help="Absolute tolerance (default per artifact dtype, from mamba_deploy/onnx/tolerances.py).")
+              help="Absolute tolerance (default per artifact dtype, from mamba_deploy/artifact.py).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance (default per artifact dtype, as --atol).")
 @click.option("--device", default=None,
               help="Device of the checked backends: cpu or cuda[:N] (default: each backend's own; cpu for "
@@ -50,9 +50,8 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
     """
     import torch
 
+    from ..artifact import CHECK_DIR, CHECK_PLOT, CHECK_REPORT, DEFAULT_TOLERANCES, read_manifest
     from ..checkpoint import load_model
-    from ..onnx.manifest import read_manifest
-    from ..onnx.tolerances import DEFAULT_TOLERANCES
     from ..io import write_json
     from ..parity import format_table, polygraphy_command, run_check, write_plot
     from ..runtime.session import check_backend_name, open_session
@@ -88,25 +87,26 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
     options = {"device": device} if device else {}
     sessions = {name: open_session(artifact, name, **options) for name in names}
     reference = open_session(load_model(source, dtype=torch.float32), "torch")
-    vocab = int(manifest["config"]["vocab_size"])
-    if reference.vocab_size != next(iter(sessions.values())).vocab_size:
-        raise UserError(f"reference checkpoint {source} has {reference.vocab_size} logits, the artifact "
-                        f"{next(iter(sessions.values())).vocab_size}: --model names a different model")
+    first = next(iter(sessions.values()))
+    if (reference.vocab_size, reference.padded_vocab_size) != (first.vocab_size, first.padded_vocab_size):
+        raise UserError(f"reference checkpoint {source} has a vocabulary of {reference.vocab_size} "
+                        f"({reference.padded_vocab_size} logits), the artifact {first.vocab_size} "
+                        f"({first.padded_vocab_size}): --model names a different model")
     click.echo(f"checking {artifact} ({dtype}) against {source} (PyTorch fp32): backends {', '.join(names)}; "
                f"{steps} steps after a {prompt_len}-token prefill, batch {batch}, seed {seed}")
 
-    out = Path(out_dir) if out_dir else artifact / "check"
-    state_dtype = next(iter(sessions.values())).state_dtype
+    out = Path(out_dir) if out_dir else artifact / CHECK_DIR
+    state_dtype = first.state_dtype
     result = run_check(reference, sessions, steps=steps, prompt_len=prompt_len, batch=batch, seed=seed,
-                       atol=atol, rtol=rtol, vocab_size=vocab, step0_dir=out, state_dtype=state_dtype)
+                       atol=atol, rtol=rtol, vocab_size=first.vocab_size, step0_dir=out, state_dtype=state_dtype)
     report = result.report
     report.update(artifact=str(artifact), dtype=dtype, reference={"checkpoint": str(source), "dtype": "fp32"})
     cmd = None
     if "polygraphy" in report:
         cmd = polygraphy_command(artifact, report["polygraphy"], atol, rtol)
         report["polygraphy"]["command"] = cmd
-    json_path = Path(json_path) if json_path else out / "report.json"
-    plot_path = Path(plot_path) if plot_path else out / "errors.png"
+    json_path = Path(json_path) if json_path else out / CHECK_REPORT
+    plot_path = Path(plot_path) if plot_path else out / CHECK_PLOT
     write_json(json_path, report)
     write_plot(report, plot_path)
 

@@ -47,7 +47,7 @@ def command(model_ref, out_dir, dtype, opset, all_logits, force):
 
     out = export(model_ref, out_dir, dtype=dtype, opset=opset or contract.DEFAULT_OPSET, all_logits=all_logits,
                  force=force, progress=progress)
-    from ..onnx.manifest import read_manifest
+    from ..artifact import read_manifest
     m = read_manifest(out)
     size = sum(f["bytes"] for f in m["files"].values())
     click.echo(f"wrote {out} ({m['dtype']}, {m['dims']['n_layer']} layers, opset {m['onnx']['opset']}, "

@@ -39,18 +39,6 @@ def load_tokenizer(path):
         raise UserError(f"{p} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
 
 
-def real_vocab_size(session, manifest: dict | None) -> int | None:
-    """The unpadded vocabulary (logits beyond it are padding and never sampled)."""
-    model = getattr(session, "model", None)
-    if model is not None and hasattr(model, "config"):
-        return model.config.vocab_size
-    if manifest is not None:
-        cfg = manifest.get("config") or {}
-        if "vocab_size" in cfg:
-            return int(cfg["vocab_size"])
-    return None
-
-
 @click.command(name="generate")
 @click.option("--artifact", type=click.Path(), default=None, metavar="DIR",
               help="An exported artifact directory (manifest.json, step.onnx, prefill.onnx).")
@@ -116,10 +104,6 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
     else:
         ids = [parse_ids(p) for p in prompt_ids]
 
-    manifest = None
-    if artifact is not None:
-        from ..onnx.manifest import read_manifest
-        manifest = read_manifest(artifact)
     options = {"device": device} if device else {}
     session = open_session(artifact if artifact is not None else model_ref, backend, **options)
 
@@ -144,7 +128,7 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
                 click.echo(f"[{i}] {text!r}" if streams else f"[{i}]{text}")
 
     result = generate(session, ids, max_new_tokens=max_new_tokens, params=params, seed=seed, stop_ids=stops,
-                      vocab_size=real_vocab_size(session, manifest), on_token=on_token)
+                      on_token=on_token)
     if batch == 1:
         if streams:
             tail = streams[0].flush()

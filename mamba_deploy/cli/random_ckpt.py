@@ -18,7 +18,8 @@ from ..config import SIZES
 def command(size, out_dir, fmt, dtype, seed, force):
     """Write a checkpoint of a named size with random weights, for trying the tool and for benchmarks
     without the hub. The weights follow upstream's initialisation (realistic δ and A ranges)."""
-    from ..checkpoint import parse_dtype, save_model
+    from ..artifact import parse_dtype
+    from ..checkpoint import save_model
     from ..config import config_for_size
     from ..model import random_model
 

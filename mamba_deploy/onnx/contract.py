@@ -1,5 +1,5 @@
 """The graph contract: the one place that names the custom ops, their inputs, outputs and attributes, and the
-artifact's I/O. The exporter builds graphs from it, the TensorRT plugins take their names and fields from it, the
+graphs' state I/O names (file names, dtypes and the manifest are in artifact.py). The exporter builds graphs from it, the TensorRT plugins take their names and fields from it, the
 runtimes read it (through manifest.json), and README's contract table is generated from it.
 
 Custom domain ``mamba_deploy`` version 1. Each op is one node, also defined as an ONNX model-local function with
@@ -16,8 +16,6 @@ PLUGIN_NAMESPACE = ""          # TensorRT plugin namespace (the ONNX parser look
 PLUGIN_VERSION = "1"
 IR_VERSION = 10                # onnxruntime 1.31 reads IR <= 13
 DEFAULT_OPSET = 18
-EXPORTER_NAME = "mamba-deploy"
-ARTIFACT_FORMAT_VERSION = 1    # bump when the artifact layout changes; runtimes refuse other versions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,11 +97,6 @@ def state_inputs(n_layer: int) -> list[str]:
 
 def state_outputs(n_layer: int) -> list[str]:
     return [n for i in range(n_layer) for n in (conv_state_name(i, True), ssm_state_name(i, True))]
-
-
-STEP_GRAPH = "step.onnx"
-PREFILL_GRAPH = "prefill.onnx"
-MANIFEST = "manifest.json"
 
 
 def contract_markdown() -> str:

@@ -1,7 +1,10 @@
-"""Build the ONNX artifact of a Mamba-1 model: step.onnx, prefill.onnx, one shared weights file, manifest.json.
+"""Build the ONNX artifact of a model: step.onnx, prefill.onnx, one shared weights file, manifest.json.
 
-The graphs are written directly with ``onnx.helper``, node by node, following ``model.py`` (the reference) line
-by line, so every cast sits where PyTorch has it:
+The graphs are written directly with ``onnx.helper``, node by node, following the PyTorch reference line by line:
+``LMGraphs`` here writes the shared language model (model.py: embedding, residual stream, RMSNorm, lm_head, state
+I/O) and the family's emitter (``Family.graph_emitter()``, e.g. families/mamba1/graph.py) subclasses it with the
+block's nodes. File names, dtype names and the manifest come from artifact.py, the initializers (names, dtype
+rules) from the family's weight table. Every cast sits where PyTorch has it:
 
 * embedding, linear layers and the conv state in the export dtype (fp32/fp16/bf16);
 * the residual stream in fp32 when ``residual_in_fp32``; RMSNorm in fp32, result cast to the export dtype;
@@ -10,12 +13,12 @@ by line, so every cast sits where PyTorch has it:
 
 Linear layers are ``Gemm(x, W, transB=1)`` on the checkpoint's own [out, in] weights, so the tied lm_head reads
 the embedding table itself. Tensors that PyTorch upcasts before use (norm weights, conv weight/bias, D, δ bias)
-are stored in fp32 (the upcast is exact), and A = −exp(A_log) is stored precomputed (same torch op, same bits).
+are stored in fp32 (the upcast is exact), and A = −exp(A_log) is stored precomputed (same torch op, same bits):
+the weight table's ``artifact`` column and ``to_artifact`` transform say so per tensor.
 All initializers live in one external-data file that both graphs reference (no 2 GB protobuf limit, no copy).
 """
 from __future__ import annotations
 
-import datetime
 import re
 from pathlib import Path
 
@@ -23,19 +26,15 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from .. import __version__
+from .. import __version__, artifact
 from ..errors import UserError
+from ..families import family_of, weight_table
 from ..model import MambaLM
 from . import contract
 from .functions import functions
 
-WEIGHTS_FILE = "weights.onnx.data"
 ALIGN = 4096                       # page-aligned offsets let runtimes memory-map the weights
 INT_MAX = 2**62
-_ONNX_DTYPE = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16,
-               torch.bfloat16: TensorProto.BFLOAT16}
-_DTYPE_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
-               TensorProto.INT64: "int64"}
 F32 = TensorProto.FLOAT
 
 
@@ -72,7 +71,7 @@ class WeightStore:
         self.file.write(memoryview(raw.numpy()).cast("B"))
         proto = TensorProto()
         proto.name = name
-        proto.data_type = _ONNX_DTYPE[t.dtype]
+        proto.data_type = artifact.onnx_dtype(t.dtype)
         proto.dims.extend(t.shape)
         proto.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", offset), ("length", t.numel() * t.element_size())):
@@ -124,17 +123,21 @@ class GraphBuilder:
                                   initializer=[self.weights.tensors[n] for n in self.used])
         used_ops = {n.op_type for n in self.nodes if n.domain == contract.DOMAIN}
         return helper.make_model(
-            graph, ir_version=contract.IR_VERSION, producer_name=contract.EXPORTER_NAME, producer_version=__version__,
+            graph, ir_version=contract.IR_VERSION, producer_name=artifact.EXPORTER_NAME, producer_version=__version__,
             opset_imports=[helper.make_opsetid("", opset),
                            helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)],
             functions=[f for f in functions(opset) if f.name in used_ops])
 
 
-class MambaGraphs:
-    """Emits the model's layers into a GraphBuilder; ``flat`` activations are [rows, features] (rows = b or b·L)."""
+class LMGraphs:
+    """Emits the shared language model into a GraphBuilder; a family's emitter subclasses it and provides
+    ``step_mixer(g, h, i)`` (h: [b, d_model] → [b, d_model], reading/writing ``contract.conv_state_name(i)`` …) and
+    ``prefill_mixer(g, h, i, shape_bl)`` (h: [b·L, d_model] flat rows → same). Activations are ``flat``
+    [rows, features] (rows = b or b·L); initializer names are the weight table's ``artifact_name``."""
 
     def __init__(self, model: MambaLM, weights: WeightStore, act: int):
         self.cfg = model.config
+        self.state_shapes = family_of(model.config).state_shapes(model.config)
         self.act = act
         self.rif32 = model.config.residual_in_fp32
         self.res_dtype = F32 if self.rif32 else act
@@ -165,65 +168,11 @@ class MambaGraphs:
     def to_act(self, g: GraphBuilder, x):
         return x if self.act == F32 else g.cast(x, self.act, "act")
 
-    def scan_attrs(self):
-        return dict(contract.SELECTIVE_SCAN.attributes)
-
-    # -- step graph ------------------------------------------------------------------------------------------
     def step_mixer(self, g: GraphBuilder, h, i: int):
-        c, p = self.cfg, f"backbone.layers.{i}.mixer."
-        d, N, r = c.d_inner, c.d_state, c.dt_rank_value
-        x, z = g.op("Split", [self.linear(g, h, p + "in_proj", c.bias), g.ints([d, d])], "xz", n_out=2, axis=-1)
-        # conv state ← [conv_state[..., 1:], x]   (the last d_conv inputs, pre-conv)
-        shifted = g.op("Slice", [contract.conv_state_name(i), g.ints([1]), g.ints([INT_MAX]), g.ints([2])], "shift")
-        conv = g.op("Concat", [shifted, g.op("Unsqueeze", [x, g.ints([-1])], "x_col")], axis=2,
-                    out=contract.conv_state_name(i, out=True))
-        w = g.op("Squeeze", [p + "conv1d.weight", g.ints([1])], "conv_w")                       # [d, k] fp32
-        conv_f = conv if self.act == F32 else g.cast(conv, F32, "conv_f32")
-        xc = g.op("ReduceSum", [g.op("Mul", [conv_f, w], "taps"), g.ints([-1])], "conv", keepdims=0)
-        if c.conv_bias:
-            xc = g.op("Add", [xc, p + "conv1d.bias"], "conv_b")
-        xc = self.to_act(g, self.silu_f32(g, xc))
-        dt, B, C = g.op("Split", [self.linear(g, xc, p + "x_proj", False), g.ints([r, N, N])], "dbc", n_out=3,
-                        axis=-1)
-        dt = self.linear(g, dt, p + "dt_proj", False)                                            # δ_raw = W_dt·dt
-        y, _ = g.op(contract.SELECTIVE_SCAN_STEP.op_type,
-                    [xc, dt, p + "A", B, C, p + "D", p + "dt_proj.bias", z, contract.ssm_state_name(i)],
-                    domain=contract.DOMAIN, out=[g.scope + "y", contract.ssm_state_name(i, out=True)],
-                    **self.scan_attrs())
-        return self.linear(g, y, p + "out_proj", c.bias)
+        raise NotImplementedError
 
-    # -- prefill graph ---------------------------------------------------------------------------------------
     def prefill_mixer(self, g: GraphBuilder, h, i: int, shape_bl):
-        """h: [b·L, d_model] → [b·L, d_model]; conv and scan run on [b, d, L] views."""
-        c, p = self.cfg, f"backbone.layers.{i}.mixer."
-        d, N, r, k = c.d_inner, c.d_state, c.dt_rank_value, c.d_conv
-
-        def to_bfl(v, feat):       # [b·L, f] → [b, f, L]
-            v = g.op("Reshape", [v, g.op("Concat", [shape_bl, g.ints([feat])], "shape", axis=0)], "bLf")
-            return g.op("Transpose", [v], "bfL", perm=[0, 2, 1])
-
-        def to_flat(v, feat):      # [b, f, L] → [b·L, f]
-            return g.op("Reshape", [g.op("Transpose", [v], "bLf", perm=[0, 2, 1]), g.ints([-1, feat])], "flat")
-
-        x, z = g.op("Split", [self.linear(g, h, p + "in_proj", c.bias), g.ints([d, d])], "xz", n_out=2, axis=-1)
-        x, z = to_bfl(x, d), to_bfl(z, d)
-        history = g.op("Concat", [contract.conv_state_name(i), x], "history", axis=2)            # [b, d, k + L]
-        g.op("Slice", [history, g.ints([-k]), g.ints([INT_MAX]), g.ints([2])],
-             out=contract.conv_state_name(i, out=True))
-        window = g.op("Slice", [history, g.ints([1]), g.ints([INT_MAX]), g.ints([2])], "window")  # [b, d, k−1+L]
-        window = window if self.act == F32 else g.cast(window, F32, "window_f32")
-        conv_in = [window, p + "conv1d.weight"] + ([p + "conv1d.bias"] if c.conv_bias else [])
-        xc = g.op("Conv", conv_in, "conv", group=d, kernel_shape=[k])                             # [b, d, L]
-        xc = self.to_act(g, self.silu_f32(g, xc))
-        dt, B, C = g.op("Split", [self.linear(g, to_flat(xc, d), p + "x_proj", False), g.ints([r, N, N])], "dbc",
-                        n_out=3, axis=-1)
-        dt = self.linear(g, dt, p + "dt_proj", False)
-        y, _ = g.op(contract.SELECTIVE_SCAN.op_type,
-                    [xc, to_bfl(dt, d), p + "A", to_bfl(B, N), to_bfl(C, N), p + "D", p + "dt_proj.bias", z,
-                     contract.ssm_state_name(i)],
-                    domain=contract.DOMAIN, out=[g.scope + "y", contract.ssm_state_name(i, out=True)],
-                    **self.scan_attrs())
-        return self.linear(g, to_flat(y, d), p + "out_proj", c.bias)
+        raise NotImplementedError
 
     # -- whole graphs ----------------------------------------------------------------------------------------
     def _backbone(self, g: GraphBuilder, h, mixer):
@@ -277,10 +226,12 @@ class MambaGraphs:
 
     def io(self, graph: str, all_logits: bool):
         c = self.cfg
-        seq = ["batch", "seq"] if graph == "prefill" else ["batch"]
-        logits_shape = ["batch", "seq", c.padded_vocab_size] if all_logits else ["batch", c.padded_vocab_size]
-        conv = lambda n: helper.make_tensor_value_info(n, self.act, ["batch", c.d_inner, c.d_conv])  # noqa: E731
-        ssm = lambda n: helper.make_tensor_value_info(n, F32, ["batch", c.d_inner, c.d_state])      # noqa: E731
+        B, L = artifact.BATCH, artifact.SEQ
+        seq = [B, L] if graph == "prefill" else [B]
+        logits_shape = [B, L, c.padded_vocab_size] if all_logits else [B, c.padded_vocab_size]
+        conv_shape, ssm_shape = self.state_shapes
+        conv = lambda n: helper.make_tensor_value_info(n, self.act, [B, *conv_shape])  # noqa: E731
+        ssm = lambda n: helper.make_tensor_value_info(n, F32, [B, *ssm_shape])         # noqa: E731
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, seq)]
         outputs = [helper.make_tensor_value_info("logits", F32, logits_shape)]
         for i in range(c.n_layer):
@@ -290,36 +241,16 @@ class MambaGraphs:
 
 
 def _weights(model: MambaLM, act_dtype: torch.dtype):
-    """(name, tensor) of every initializer, in the layout and dtype the graphs use (one tensor at a time)."""
-    f32 = torch.float32
-    yield "backbone.embedding.weight", model.backbone.embedding.weight.to(act_dtype)
-    for i, layer in enumerate(model.backbone.layers):
-        p, m = f"backbone.layers.{i}.", layer.mixer
-        yield p + "norm.weight", layer.norm.weight.to(f32)
-        yield p + "mixer.in_proj.weight", m.in_proj.weight.to(act_dtype)
-        if m.in_proj.bias is not None:
-            yield p + "mixer.in_proj.bias", m.in_proj.bias.to(act_dtype)
-        yield p + "mixer.conv1d.weight", m.conv1d.weight.to(f32)
-        if m.conv1d.bias is not None:
-            yield p + "mixer.conv1d.bias", m.conv1d.bias.to(f32)
-        yield p + "mixer.x_proj.weight", m.x_proj.weight.to(act_dtype)
-        yield p + "mixer.dt_proj.weight", m.dt_proj.weight.to(act_dtype)
-        yield p + "mixer.dt_proj.bias", m.dt_proj.bias.to(f32)
-        with torch.no_grad():
-            yield p + "mixer.A", m.A()                                                 # −exp(A_log), fp32
-        yield p + "mixer.D", m.D.to(f32)
-        yield p + "mixer.out_proj.weight", m.out_proj.weight.to(act_dtype)
-        if m.out_proj.bias is not None:
-            yield p + "mixer.out_proj.bias", m.out_proj.bias.to(act_dtype)
-    yield "backbone.norm_f.weight", model.backbone.norm_f.weight.to(f32)
-    if not model.config.tie_embeddings:
-        yield "lm_head.weight", model.lm_head.weight.to(act_dtype)
+    """(name, tensor) of every initializer, in the layout and dtype the graphs use (one tensor at a time), from the
+    family's weight table."""
+    for w in weight_table(model.config):
+        yield w.artifact_name, w.artifact_tensor(model.get_parameter(w.name), act_dtype)
 
 
 def _io_spec(model: onnx.ModelProto) -> dict:
     def spec(vi):
         t = vi.type.tensor_type
-        return {"name": vi.name, "dtype": _DTYPE_NAME[t.elem_type],
+        return {"name": vi.name, "dtype": artifact.from_onnx(t.elem_type).long,
                 "shape": [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]}
     return {"inputs": [spec(v) for v in model.graph.input], "outputs": [spec(v) for v in model.graph.output]}
 
@@ -348,32 +279,32 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
     Returns the manifest. ``progress(message)`` is called between stages; tqdm bars show the weights."""
     from tqdm.auto import tqdm
 
-    from ..checkpoint import dtype_name
-    from .manifest import write_manifest
-
     check_opset(opset)
     say = progress or (lambda msg: None)
     out_dir = Path(out_dir)
     act_dtype = model.dtype
-    if act_dtype not in _ONNX_DTYPE:
-        raise UserError(f"cannot export weights of dtype {act_dtype}; use fp32, fp16 or bf16")
-    act = _ONNX_DTYPE[act_dtype]
-    cfg = model.config
-    weights = WeightStore(out_dir / WEIGHTS_FILE)
     try:
-        n_tensors = 1 + cfg.n_layer * (9 + 2 * cfg.bias + cfg.conv_bias) + 1 + (not cfg.tie_embeddings)
-        for name, tensor in tqdm(_weights(model, act_dtype), total=n_tensors, desc="writing weights", unit="tensor",
-                                 disable=progress is None, leave=False):
+        act = artifact.dtype_info(act_dtype)
+    except KeyError:
+        act = None
+    if act is None or not act.float:
+        raise UserError(f"cannot export weights of dtype {act_dtype}; use fp32, fp16 or bf16")
+    cfg = model.config
+    family = family_of(cfg)
+    weights = WeightStore(out_dir / artifact.WEIGHTS_FILE)
+    try:
+        for name, tensor in tqdm(_weights(model, act_dtype), total=len(weight_table(cfg, family)),
+                                 desc="writing weights", unit="tensor", disable=progress is None, leave=False):
             weights.add(name, tensor)
     finally:
         weights.close()
-    builder = MambaGraphs(model, weights, act)
+    builder = family.graph_emitter()(model, weights, act.onnx)
     graphs = {}
     for graph, build in (("step", lambda: builder.step_graph(weights, opset)),
                          ("prefill", lambda: builder.prefill_graph(weights, opset, all_logits))):
         say(f"building {graph} graph")
         proto = build()
-        file = contract.STEP_GRAPH if graph == "step" else contract.PREFILL_GRAPH
+        file = artifact.GRAPH_FILES[graph]
         (out_dir / file).write_bytes(proto.SerializeToString())
         graphs[graph] = {"file": file, **_io_spec(proto)}
     graphs["prefill"]["all_logits"] = bool(all_logits)
@@ -383,45 +314,29 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
             onnx.checker.check_model(str(out_dir / graph["file"]))
         except onnx.checker.ValidationError as e:  # a bug of ours, not the user's: keep the details
             raise RuntimeError(f"exported {graph['file']} fails onnx.checker: {e}") from e
-    dt = dtype_name(act_dtype)
-    manifest = {
-        "format_version": contract.ARTIFACT_FORMAT_VERSION,
-        "exporter": {"name": contract.EXPORTER_NAME, "version": __version__},
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": source or source_ref(model),
-        "config": cfg.to_dict(),
-        "dims": {"n_layer": cfg.n_layer, "d_model": cfg.d_model, "d_inner": cfg.d_inner, "d_state": cfg.d_state,
-                 "d_conv": cfg.d_conv, "dt_rank": cfg.dt_rank_value, "vocab_size": cfg.padded_vocab_size,
-                 "tokenizer_vocab_size": cfg.vocab_size},
-        "dtype": dt,
-        "dtypes": {"activations": _DTYPE_NAME[act], "conv_state": _DTYPE_NAME[act], "ssm_state": "float32",
-                   "logits": "float32", "residual": _DTYPE_NAME[F32 if cfg.residual_in_fp32 else act]},
-        "onnx": {"ir_version": contract.IR_VERSION, "opset": opset, "domain": contract.DOMAIN,
-                 "domain_version": contract.DOMAIN_VERSION},
-        "custom_ops": [
-            {"domain": contract.DOMAIN, "op_type": spec.op_type, "version": contract.DOMAIN_VERSION,
-             "attributes": dict(spec.attributes), "function": True,
-             "plugin": {"name": spec.op_type, "version": contract.PLUGIN_VERSION,
-                        "namespace": contract.PLUGIN_NAMESPACE},
-             "graph": "step" if spec is contract.SELECTIVE_SCAN_STEP else "prefill", "count": cfg.n_layer}
-            for spec in contract.OPS.values()],
-        "graphs": graphs,
-        "external_data": WEIGHTS_FILE,
-        "files": [contract.STEP_GRAPH, contract.PREFILL_GRAPH, WEIGHTS_FILE],
-    }
+    custom_ops = [
+        {"domain": contract.DOMAIN, "op_type": spec.op_type, "version": contract.DOMAIN_VERSION,
+         "attributes": dict(spec.attributes), "function": True,
+         "plugin": {"name": spec.op_type, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
+         "graph": "step" if spec is contract.SELECTIVE_SCAN_STEP else "prefill", "count": cfg.n_layer}
+        for spec in contract.OPS.values()]
+    manifest = artifact.build_manifest(
+        config=cfg, family=family, act_dtype=act_dtype, graphs=graphs, custom_ops=custom_ops,
+        onnx_info={"ir_version": contract.IR_VERSION, "opset": opset, "domain": contract.DOMAIN,
+                   "domain_version": contract.DOMAIN_VERSION},
+        source=source or source_ref(model), exporter_version=__version__)
     say("checksums")
-    write_manifest(out_dir, manifest)
-    from .manifest import read_manifest
-    return read_manifest(out_dir)
+    artifact.write_manifest(out_dir, manifest)
+    return artifact.read_manifest(out_dir)
 
 
 def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, all_logits: bool = False,
            force: bool = False, progress=None) -> Path:
     """Load checkpoint ``ref`` (a local dir or hub id) and write its artifact to ``out_dir`` atomically
     (default ``export/<model-name>``). Refuses an existing ``out_dir`` unless ``force``."""
-    from ..checkpoint import load_model, parse_dtype
+    from ..artifact import is_our_artifact, parse_dtype
+    from ..checkpoint import load_model
     from ..io import atomic_directory
-    from .manifest import is_our_artifact
 
     check_opset(opset)
     out = Path(out_dir) if out_dir is not None else Path("export") / model_name(str(ref))

@@ -550,7 +550,7 @@ class FastSession(TorchSession):
             from ..ops.selective_scan import selective_scan
             yy, hT = selective_scan(t(xc), t(dt), w.A, Bm, Cm, D=w.D, z=t(z), delta_bias=w.dt_b,
                                     delta_softplus=True, initial_state=h0,
-                                    backend=self.model._resolve_backend(xc.device))
+                                    backend=self.model.scan_backend_for(xc.device))
         h_out.copy_(hT)
         return yy.transpose(1, 2).reshape(b * L, d)   # a view when the scan wrote the row layout (triton-rows)
 
@@ -559,7 +559,7 @@ class FastSession(TorchSession):
         from ..ops.selective_scan import selective_scan
         from ..ops.triton_decode import add_rmsnorm
         dec, cfg = self.decoder, self.model.config
-        backend = self.model._resolve_backend(ids.device)
+        backend = self.model.scan_backend_for(ids.device)
         b, L = ids.shape
         d, k = cfg.d_inner, cfg.d_conv
         h = F.embedding(ids, dec.embedding).view(b * L, -1)
@@ -601,7 +601,7 @@ def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_b
                            decode_path=decode_path)
     from ..checkpoint import load_model
     if is_artifact(source):
-        from ..onnx.manifest import read_manifest
+        from ..artifact import read_manifest
         source = read_manifest(source)["source"]["checkpoint"]
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("backend torch-fast needs a CUDA GPU and none is visible; use --backend torch")

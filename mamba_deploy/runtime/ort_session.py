@@ -14,13 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..artifact import MANIFEST, torch_dtype
 from ..errors import UserError
 from ..model import MambaState
 from ..onnx import contract
 from .session import Session, is_artifact
 
-_TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                "int64": torch.int64}
 
 
 def _ort_element_type(dtype: torch.dtype):
@@ -38,14 +37,11 @@ class OrtSession(Session):
                  threads: int | None = None, cuda_options: dict | None = None):
         import onnxruntime as ort
 
-        from ..onnx.manifest import graph_spec, read_manifest
+        from ..artifact import ArtifactDims, graph_spec, read_manifest
 
         self.artifact_dir = Path(artifact_dir)
         self.manifest = m = read_manifest(self.artifact_dir, verify=verify)
-        dims = m["dims"]
-        self.n_layer, self.d_inner, self.d_conv = dims["n_layer"], dims["d_inner"], dims["d_conv"]
-        self.d_state, self.vocab_size = dims["d_state"], dims["vocab_size"]
-        self.state_dtype = _TORCH_DTYPE[m["dtypes"]["conv_state"]]
+        self.set_dims(ArtifactDims.of(m))
         self.specs = {g: graph_spec(m, g) for g in ("step", "prefill")}
         self.all_logits = bool(self.specs["prefill"].get("all_logits", False))
         for g, spec in self.specs.items():  # the contract's state names must be the graph's
@@ -120,7 +116,7 @@ class OrtSession(Session):
             binding.bind_input(name, "cuda", dev, _ort_element_type(t.dtype), list(t.shape), t.data_ptr())
         outs = {}
         for port in self.specs[graph]["outputs"]:
-            t = torch.empty(self._output_shape(port, ids_shape), dtype=_TORCH_DTYPE[port["dtype"]],
+            t = torch.empty(self._output_shape(port, ids_shape), dtype=torch_dtype(port["dtype"]),
                             device=self.device)
             binding.bind_output(port["name"], "cuda", dev, _ort_element_type(t.dtype), list(t.shape), t.data_ptr())
             outs[port["name"]] = t
@@ -168,6 +164,6 @@ def open_ort_session(source, device="cpu", verify: bool = True, use_tf32: bool =
                         f"{type(source).__name__}; export one with `mamba-deploy export`")
     if not is_artifact(source):
         raise UserError(f"the onnxruntime backend runs an exported artifact, and {source} is not one (no "
-                        f"{contract.MANIFEST}); export it first with `mamba-deploy export --model {source}`")
+                        f"{MANIFEST}); export it first with `mamba-deploy export --model {source}`")
     return OrtSession(source, device=device, verify=verify, use_tf32=use_tf32, threads=threads,
                       cuda_options=cuda_options)

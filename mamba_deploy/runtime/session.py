@@ -6,8 +6,10 @@ A session holds a model (PyTorch module, ONNX Runtime sessions, TensorRT engines
     prefill(ids[b, T], state=None) → (logits[b, V] of the last position, fp32 torch tensor; state after T tokens)
     step(ids[b], state)            → (logits[b, V] fp32; state after one more token)
 
-States are ``MambaState`` of torch tensors (conv state in the activation dtype, SSM state fp32) whatever the
-backend, so they move between backends and a caller never sees numpy/TensorRT buffers.
+States are ``MambaState`` of torch tensors (conv state in the activation dtype, SSM state fp32; per-row shapes from
+the model family, read from the manifest's ``dims``) whatever the backend, so they move between backends and a caller
+never sees numpy/TensorRT buffers. ``vocab_size`` is the tokenizer vocabulary, ``padded_vocab_size`` the logits width;
+generation never samples an id ≥ ``vocab_size``.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..artifact import ArtifactDims
 from ..errors import UserError
 from ..model import MambaState
 
@@ -32,12 +35,16 @@ BACKENDS: dict[str, str] = {
 class Session(abc.ABC):
     backend: str = "?"
     n_layer: int
-    d_inner: int
-    d_conv: int
-    d_state: int
-    vocab_size: int          # logits width (padded vocabulary)
+    vocab_size: int                # tokenizer vocabulary
+    padded_vocab_size: int         # logits width (ids from vocab_size on are padding rows)
+    conv_shape: tuple[int, ...]    # per-row conv state shape (Mamba-1: d_inner, d_conv)
+    ssm_shape: tuple[int, ...]     # per-row SSM state shape (Mamba-1: d_inner, d_state)
     device: torch.device
-    state_dtype: torch.dtype  # dtype of the conv state
+    state_dtype: torch.dtype       # dtype of the conv state
+
+    def set_dims(self, dims: ArtifactDims) -> None:
+        self.n_layer, self.vocab_size, self.padded_vocab_size = dims.n_layer, dims.vocab_size, dims.padded_vocab_size
+        self.conv_shape, self.ssm_shape, self.state_dtype = dims.conv_state, dims.ssm_state, dims.state_dtype
 
     @abc.abstractmethod
     def prefill(self, input_ids: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
@@ -49,9 +56,9 @@ class Session(abc.ABC):
 
     def new_state(self, batch: int) -> MambaState:
         return MambaState(
-            [torch.zeros(batch, self.d_inner, self.d_conv, dtype=self.state_dtype, device=self.device)
+            [torch.zeros(batch, *self.conv_shape, dtype=self.state_dtype, device=self.device)
              for _ in range(self.n_layer)],
-            [torch.zeros(batch, self.d_inner, self.d_state, dtype=torch.float32, device=self.device)
+            [torch.zeros(batch, *self.ssm_shape, dtype=torch.float32, device=self.device)
              for _ in range(self.n_layer)])
 
     # -- input validation shared by all backends ---------------------------------------------------------------
@@ -62,8 +69,8 @@ class Session(abc.ABC):
             want = "[batch]" if ndim == 1 else "[batch, seq]"
             raise UserError(f"input_ids must be an integer tensor of shape {want}, got {input_ids.dtype} "
                             f"{tuple(input_ids.shape)}")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.vocab_size):
-            raise UserError(f"token ids must lie in [0, {self.vocab_size}); got {int(input_ids.min())}…"
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.padded_vocab_size):
+            raise UserError(f"token ids must lie in [0, {self.padded_vocab_size}); got {int(input_ids.min())}…"
                             f"{int(input_ids.max())}")
         return input_ids.long()
 
@@ -73,15 +80,13 @@ class Session(abc.ABC):
         if len(state.conv) != self.n_layer or len(state.ssm) != self.n_layer:
             raise UserError(f"state has {len(state.conv)} conv / {len(state.ssm)} ssm layers; this model has "
                             f"{self.n_layer}")
-        want_conv = (batch, self.d_inner, self.d_conv)
-        want_ssm = (batch, self.d_inner, self.d_state)
+        want_conv = (batch, *self.conv_shape)
+        want_ssm = (batch, *self.ssm_shape)
         for i, (c, s) in enumerate(zip(state.conv, state.ssm)):
             if tuple(c.shape) != want_conv:
-                raise UserError(f"conv_state.{i} has shape {tuple(c.shape)}; expected {want_conv} "
-                                "[batch, d_inner, d_conv]")
+                raise UserError(f"conv_state.{i} has shape {tuple(c.shape)}; expected {want_conv} [batch, …]")
             if tuple(s.shape) != want_ssm:
-                raise UserError(f"ssm_state.{i} has shape {tuple(s.shape)}; expected {want_ssm} "
-                                "[batch, d_inner, d_state]")
+                raise UserError(f"ssm_state.{i} has shape {tuple(s.shape)}; expected {want_ssm} [batch, …]")
             if s.dtype != torch.float32:
                 raise UserError(f"ssm_state.{i} must be float32 (the SSM state is always fp32), got {s.dtype}")
             if c.dtype != self.state_dtype:
@@ -118,5 +123,5 @@ def open_session(source, backend: str = "torch", **options) -> Session:
 
 
 def is_artifact(source) -> bool:
-    from ..onnx.contract import MANIFEST
-    return isinstance(source, (str, Path)) and (Path(source) / MANIFEST).exists()
+    from ..artifact import is_artifact as _is
+    return _is(source)

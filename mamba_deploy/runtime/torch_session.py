@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..artifact import ArtifactDims
+from ..families import family_of
 from ..model import MambaLM, MambaState
 from .session import Session, is_artifact
 
@@ -13,10 +15,9 @@ class TorchSession(Session):
     def __init__(self, model: MambaLM):
         self.model = model.eval()
         c = model.config
-        self.n_layer, self.d_inner, self.d_conv, self.d_state = c.n_layer, c.d_inner, c.d_conv, c.d_state
-        self.vocab_size = c.padded_vocab_size
+        conv, ssm = family_of(c).state_shapes(c)
+        self.set_dims(ArtifactDims(c.n_layer, c.vocab_size, c.padded_vocab_size, tuple(conv), tuple(ssm), model.dtype))
         self.device = model.device
-        self.state_dtype = model.dtype
 
     @torch.inference_mode()
     def prefill(self, input_ids, state=None, all_logits: bool = False):
@@ -40,6 +41,6 @@ def open_torch_session(source, device="cpu", dtype=None, **_) -> TorchSession:
         return TorchSession(source)
     from ..checkpoint import load_model
     if is_artifact(source):
-        from ..onnx.manifest import read_manifest
+        from ..artifact import read_manifest
         source = read_manifest(source)["source"]["checkpoint"]
     return TorchSession(load_model(source, dtype=dtype, device=device))

@@ -29,9 +29,6 @@ from ..model import MambaState
 from ..onnx import contract
 from .session import Session
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "int64": torch.int64, "int32": torch.int32}
-
 
 class _Engine:
     """One deserialized engine with its execution context and I/O specs from the manifest."""
@@ -65,9 +62,8 @@ class TensorRTSession(Session):
     backend = "tensorrt"
 
     def __init__(self, artifact, device="cuda", cuda_graph: bool = False, verbose: bool = False):
-        from ..onnx.manifest import graph_spec, read_manifest
+        from ..artifact import ENGINE_FILES, ArtifactDims, graph_spec, read_build_report, read_manifest
         from ..trt import compat
-        from ..trt.builder import ENGINE_FILES, read_build_report
 
         if not torch.cuda.is_available():
             raise UserError("the tensorrt backend needs a CUDA GPU; use --backend onnxruntime or torch on this "
@@ -80,10 +76,7 @@ class TensorRTSession(Session):
             from ..trt.plugin import register_plugins
             register_plugins(trt)
         self.device = torch.device(device)
-        dims = manifest["dims"]
-        self.n_layer, self.d_inner = int(dims["n_layer"]), int(dims["d_inner"])
-        self.d_conv, self.d_state, self.vocab_size = int(dims["d_conv"]), int(dims["d_state"]), int(dims["vocab_size"])
-        self.state_dtype = _TORCH_DTYPES[manifest["dtypes"]["conv_state"]]
+        self.set_dims(ArtifactDims.of(manifest))
         self._logger = trt.Logger(trt.Logger.INFO if verbose else trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
         self.engines = {}
@@ -141,7 +134,7 @@ class TensorRTSession(Session):
         src, dst = self._target(state, b)
         if self.cuda_graph and src is not None:
             return self._step_graph(ids, src, dst)
-        logits = torch.empty(b, self.vocab_size, dtype=torch.float32, device=self.device)
+        logits = torch.empty(b, self.padded_vocab_size, dtype=torch.float32, device=self.device)
         ins, outs = self._state_io(state, dst)
         self.engines["step"].run({"input_ids": ids, **ins}, {"logits": logits, **outs}, self._stream())
         return logits, dst
@@ -151,7 +144,7 @@ class TensorRTSession(Session):
         key = (b, src)
         if key not in self._graphs:
             static_ids = torch.zeros_like(ids)
-            logits = torch.empty(b, self.vocab_size, dtype=torch.float32, device=self.device)
+            logits = torch.empty(b, self.padded_vocab_size, dtype=torch.float32, device=self.device)
             ins, outs = self._state_io(self._pool(b)[src], dst)
             io_in, io_out = {"input_ids": static_ids, **ins}, {"logits": logits, **outs}
             stream = torch.cuda.Stream(self.device)
@@ -186,7 +179,7 @@ class TensorRTSession(Session):
         for t0 in range(0, T, chunk):
             part = ids[:, t0:t0 + chunk].contiguous()
             _, dst = self._target(state, b)
-            shape = (b, part.shape[1], self.vocab_size) if self.all_logits else (b, self.vocab_size)
+            shape = (b, part.shape[1], self.padded_vocab_size) if self.all_logits else (b, self.padded_vocab_size)
             logits = torch.empty(shape, dtype=torch.float32, device=self.device)
             ins, outs = self._state_io(state, dst)
             engine.run({"input_ids": part, **ins}, {"logits": logits, **outs}, self._stream())

@@ -16,15 +16,12 @@ import json
 import time
 from pathlib import Path
 
+from ..artifact import BATCH_ALIASES, BUILD_REPORT, ENGINE_FILES, SEQ_ALIASES, graph_spec, read_manifest
 from ..errors import UserError
 from ..io import atomic_write, write_json
 from ..onnx import contract
 
-BUILD_REPORT = "build_report.json"
-ENGINE_FILES = {"step": "step.engine", "prefill": "prefill.engine"}
 PLUGIN_LAYER_TYPE = "PLUGIN_V3"
-BATCH_DIMS = ("batch", "b", "batch_size")
-SEQ_DIMS = ("seq", "L", "seq_len", "sequence", "sequence_length")
 
 
 def _logger(trt, verbose: bool):
@@ -52,9 +49,9 @@ def profile_ranges(spec: dict, graph: str, max_batch: int, opt_batch: int, max_l
         for d in inp["shape"]:
             if isinstance(d, int):
                 dims.append((d, d, d))
-            elif d in BATCH_DIMS:
+            elif d in BATCH_ALIASES:
                 dims.append((1, opt_batch, max_batch))
-            elif d in SEQ_DIMS:
+            elif d in SEQ_ALIASES:
                 dims.append((1, opt_len, max_len))
             else:
                 raise UserError(f"the {graph} graph's input {inp['name']} has a dynamic dim {d!r} that this "
@@ -140,7 +137,6 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
           max_prefill_len: int = 2048, opt_prefill_len: int | None = None, use_plugin: bool = True,
           timing_cache_file=None, graphs=("step", "prefill"), verbose: bool = False, progress=None) -> dict:
     """Build the engines of ``artifact`` into it and write build_report.json there. Returns the report."""
-    from ..onnx.manifest import graph_spec, read_manifest
     from . import compat
 
     artifact = Path(artifact)
@@ -212,12 +208,3 @@ def _count_types(layers: list[dict]) -> dict:
     for layer in layers:
         counts[layer["type"]] = counts.get(layer["type"], 0) + 1
     return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
-
-
-def read_build_report(artifact) -> dict:
-    path = Path(artifact) / BUILD_REPORT
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"{artifact} has no TensorRT engines ({BUILD_REPORT} missing); run "
-                        f"`mamba-deploy build --artifact {artifact}` first") from None

@@ -189,11 +189,14 @@ def launch_scan(ptrs: dict, batch: int, dim: int, seqlen: int, dstate: int, dtyp
 
 # ---- torch tensors ----------------------------------------------------------------------------------------------
 def _torch_dtype_code(t) -> int:
-    import torch
-    codes = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
-    if t.dtype not in codes:
+    from ..artifact import dtype_info
+    try:
+        code = DTYPE_CODES.get(dtype_info(t.dtype).name)
+    except KeyError:
+        code = None
+    if code is None:
         raise TypeError(f"activations must be float32/float16/bfloat16, got {t.dtype}")
-    return codes[t.dtype]
+    return code
 
 
 def _ptrs(act_dtype, fp32_names, **tensors) -> dict:

@@ -25,10 +25,12 @@ import functools
 
 import numpy as np
 
+from ..artifact import dtype_info
 from ..onnx import contract
 from . import kernels
 
-_TRT_DTYPE_CODES = {"FLOAT": kernels.F32, "HALF": kernels.F16, "BF16": kernels.BF16}
+# TensorRT DataType member name → dtype code of the kernels' C ABI (names from the artifact's dtype table)
+_TRT_DTYPE_CODES = {dtype_info(name).trt: code for name, code in kernels.DTYPE_CODES.items()}
 
 
 class ScanOpLogic:
