@@ -3,7 +3,8 @@
 For each backend × batch size it measures (medians over ``reps`` repetitions, after warm-up):
   prefill   ms for ``prompt_len`` tokens per sequence, and tokens/s (batch · prompt_len / time)
   decode    ms per step of ``gen_len`` steps fed back the state each step returned, and tokens/s (batch / time)
-  memory    peak device memory (torch's allocator for torch backends; the device's used memory otherwise)
+  memory    memory the backend's run added over what was in use when it started (peak of torch's allocator for
+            torch backends, device memory in use at the end for others, peak host RSS on the CPU)
 On a GPU also the decode floor: the bytes one step must move (every weight once, the recurrent state read and
 written once) over the HBM bandwidth measured in the same run by a large device-to-device copy, and the ratio of
 the measured step time to it. Times use CUDA events on the GPU and perf_counter on the CPU; inputs are random
@@ -24,7 +25,6 @@ from typing import Callable, Iterable
 
 import torch
 
-from .config import MambaConfig
 from .errors import UserError
 from .io import atomic_write
 
@@ -40,7 +40,7 @@ class BenchRow:
     decode_ms_per_step: float | None = None
     decode_tokens_per_s: float | None = None
     peak_memory_bytes: int | None = None
-    memory_kind: str | None = None          # "torch-allocator" | "device-used" | "host-rss"
+    memory_kind: str | None = None   # "torch-allocator-peak" | "device-used-delta" | "host-rss-peak" (over the start)
     floor_ms: float | None = None
     ratio_to_floor: float | None = None
     prefill_samples_ms: list[float] = dataclasses.field(default_factory=list)
@@ -58,12 +58,15 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def state_bytes(cfg: MambaConfig, batch: int, act_bytes: int) -> int:
-    """Bytes of the recurrent state of ``batch`` sequences (conv state in the activation dtype, SSM state fp32)."""
-    return batch * cfg.n_layer * cfg.d_inner * (cfg.d_conv * act_bytes + cfg.d_state * 4)
+def state_bytes(cfg, batch: int, act_bytes: int) -> int:
+    """Bytes of the recurrent state of ``batch`` sequences (conv state in the activation dtype, SSM state fp32;
+    per-row shapes from the config's family)."""
+    from .families import family_of
+    conv, ssm = family_of(cfg).state_shapes(cfg)
+    return batch * cfg.n_layer * (math.prod(conv) * act_bytes + math.prod(ssm) * 4)
 
 
-def decode_floor_bytes(cfg: MambaConfig, batch: int, weights: int, act_bytes: int) -> int:
+def decode_floor_bytes(cfg, batch: int, weights: int, act_bytes: int) -> int:
     """Fewest bytes one decode step moves: the weights once, the state read once and written once."""
     return weights + 2 * state_bytes(cfg, batch, act_bytes)
 
@@ -117,27 +120,46 @@ class Timer:
             self.ms = (time.perf_counter() - self._t0) * 1e3
 
 
-def _peak_memory_start(device: torch.device, backend: str):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats(device)
-        free, total = torch.cuda.mem_get_info(device)
-        return total - free
+def _host_rss(field: str) -> int | None:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process in bytes, from /proc (Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return None
 
 
-def _peak_memory_end(device: torch.device, backend: str, baseline) -> tuple[int | None, str | None]:
+def _peak_memory_start(device: torch.device, backend: str) -> int | None:
+    """What this backend's run is measured from: the memory in use now (torch allocator, device, or host RSS), with
+    the peak counters reset where possible, so each backend's figure excludes what earlier backends held."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        if backend.startswith("torch"):
+            return torch.cuda.memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        return total - free
+    with contextlib.suppress(OSError):       # Linux: "5" resets the peak RSS (VmHWM) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    return _host_rss("VmRSS")
+
+
+def _peak_memory_end(device: torch.device, backend: str, baseline: int | None) -> tuple[int | None, str | None]:
+    """Memory this backend's run added over ``baseline`` (bytes) and how it was measured."""
     if device.type == "cuda":
         torch.cuda.synchronize()
         if backend.startswith("torch"):
-            return torch.cuda.max_memory_allocated(device), "torch-allocator"
+            return torch.cuda.max_memory_allocated(device) - baseline, "torch-allocator-peak"
         free, total = torch.cuda.mem_get_info(device)
-        return total - free, "device-used"       # not a peak: what the device holds at the end of the run
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "host-rss"
-    except ImportError:  # pragma: no cover - non-POSIX
+        return total - free - baseline, "device-used-delta"   # not a peak: held at the end of the run, over start
+    peak = _host_rss("VmHWM")
+    if peak is None or baseline is None:
         return None, None
+    return max(0, peak - baseline), "host-rss-peak"
 
 
 def bench_session(session, backend: str, batch: int, prompt_len: int, gen_len: int, device: torch.device,
@@ -147,7 +169,7 @@ def bench_session(session, backend: str, batch: int, prompt_len: int, gen_len: i
     of it (per phase), fewer are taken (at least one; the samples lists say how many)."""
     row = BenchRow(backend, batch, prompt_len, gen_len)
     g = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(1, session.vocab_size, (batch, prompt_len), generator=g)
+    prompt = torch.randint(1, session.vocab_size, (batch, prompt_len), generator=g)   # tokenizer ids only
     tokens = torch.randint(1, session.vocab_size, (gen_len, batch), generator=g)
     if device.type == "cuda":
         prompt, tokens = prompt.to(device), tokens.to(device)
@@ -255,11 +277,12 @@ def open_backend(source: BenchSource, backend: str, device: torch.device, dtype:
     return open_session(source.artifact or source.model, backend, device=str(device))
 
 
-def model_config(source: BenchSource) -> MambaConfig:
+def model_config(source: BenchSource):
     if source.model is not None:
         return source.model.config
-    from .onnx.manifest import read_manifest
-    return MambaConfig.from_dict(read_manifest(source.artifact)["config"])
+    from .artifact import read_manifest
+    from .families import config_from_manifest
+    return config_from_manifest(read_manifest(source.artifact))
 
 
 def environment(device: torch.device) -> dict:
