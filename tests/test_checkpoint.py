@@ -8,6 +8,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import assert_one_line_error
 from mamba_deploy.checkpoint import inspect, load_model, save_model
 from mamba_deploy.cli import main
 from mamba_deploy.errors import UserError
@@ -73,12 +74,16 @@ def test_strict_missing_unexpected_misshaped_are_listed(tiny_checkpoint, tmp_pat
     assert "backbone.layers.0.mixer.A_log (5, 5)" in msg and "\n" not in msg
 
 
-def test_config_that_does_not_match_weights(tiny_checkpoint, tmp_path):
-    out = tmp_path / "wrongcfg"
-    shutil.copytree(tiny_checkpoint("state-spaces"), out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["d_model"] = 48
+def with_config(src, out, **patch):
+    """A copy of checkpoint ``src`` at ``out`` whose config.json has the fields ``patch`` replaced."""
+    shutil.copytree(src, out)
+    cfg = {**json.loads((out / "config.json").read_text()), **patch}
     (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def test_config_that_does_not_match_weights(tiny_checkpoint, tmp_path):
+    out = with_config(tiny_checkpoint("state-spaces"), tmp_path / "wrongcfg", d_model=48)
     with pytest.raises(UserError, match="do not match its config.json"):
         load_model(out)
 
@@ -89,20 +94,13 @@ def test_config_that_does_not_match_weights(tiny_checkpoint, tmp_path):
     ({"rms_norm": False}, "LayerNorm"),
 ])
 def test_unsupported_state_spaces_configs_refused(tiny_checkpoint, tmp_path, patch, needle):
-    out = tmp_path / "unsup"
-    shutil.copytree(tiny_checkpoint("state-spaces"), out)
-    cfg = {**json.loads((out / "config.json").read_text()), **patch}
-    (out / "config.json").write_text(json.dumps(cfg))
+    out = with_config(tiny_checkpoint("state-spaces"), tmp_path / "unsup", **patch)
     with pytest.raises(UserError, match=needle):
         inspect(out)
 
 
 def test_hf_mamba2_refused(tiny_checkpoint, tmp_path):
-    out = tmp_path / "m2"
-    shutil.copytree(tiny_checkpoint("hf"), out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["model_type"] = "mamba2"
-    (out / "config.json").write_text(json.dumps(cfg))
+    out = with_config(tiny_checkpoint("hf"), tmp_path / "m2", model_type="mamba2")
     with pytest.raises(UserError, match="mamba2"):
         inspect(out)
 
@@ -110,14 +108,6 @@ def test_hf_mamba2_refused(tiny_checkpoint, tmp_path):
 def _cli(*args):
     result = CliRunner().invoke(main, list(args))
     return result.exit_code, result.output
-
-
-def _assert_one_line_error(code, output, needle):
-    assert code != 0
-    assert "Traceback" not in output
-    lines = [l for l in output.strip().splitlines() if l.strip()]
-    assert len(lines) == 1 and lines[0].startswith("mamba-deploy: error:"), output
-    assert needle in lines[0], output
 
 
 def test_cli_info_works_on_both_formats(tiny_checkpoint):
@@ -128,17 +118,17 @@ def test_cli_info_works_on_both_formats(tiny_checkpoint):
 
 
 def test_cli_errors_missing_path(tmp_path):
-    _assert_one_line_error(*_cli("info", "--model", str(tmp_path / "nope" / "x" / "y")), "neither an existing")
+    assert_one_line_error(*_cli("info", "--model", str(tmp_path / "nope" / "x" / "y")), "neither an existing")
 
 
 def test_cli_errors_empty_directory(tmp_path):
-    _assert_one_line_error(*_cli("info", "--model", str(tmp_path)), "no config.json")
+    assert_one_line_error(*_cli("info", "--model", str(tmp_path)), "no config.json")
 
 
 def test_cli_errors_hub_id_offline(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    _assert_one_line_error(*_cli("info", "--model", "state-spaces/mamba-does-not-exist"), "hub cannot be reached")
+    assert_one_line_error(*_cli("info", "--model", "state-spaces/mamba-does-not-exist"), "hub cannot be reached")
 
 
 @pytest.mark.parametrize("fmt", ["state-spaces", "hf"])
@@ -147,28 +137,24 @@ def test_cli_errors_truncated_weights(tiny_checkpoint, tmp_path, fmt):
     shutil.copytree(tiny_checkpoint(fmt), out)
     w = out / "model.safetensors"
     w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
-    _assert_one_line_error(*_cli("info", "--model", str(out)), "truncated or corrupt")
+    assert_one_line_error(*_cli("info", "--model", str(out)), "truncated or corrupt")
 
 
 def test_cli_errors_corrupt_bin(tiny_checkpoint, tmp_path):
     out = tmp_path / "corrupt"
     save_model(load_model(tiny_checkpoint("state-spaces")), out, safetensors=False)
     (out / "pytorch_model.bin").write_bytes(b"not a zip file at all" * 10)
-    _assert_one_line_error(*_cli("info", "--model", str(out)), "truncated or corrupt")
+    assert_one_line_error(*_cli("info", "--model", str(out)), "truncated or corrupt")
 
 
 def test_cli_errors_config_weights_mismatch(tiny_checkpoint, tmp_path):
-    out = tmp_path / "mismatch"
-    shutil.copytree(tiny_checkpoint("state-spaces"), out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["n_layer"] = 3
-    (out / "config.json").write_text(json.dumps(cfg))
-    _assert_one_line_error(*_cli("info", "--model", str(out)), "missing: backbone.layers.2")
+    out = with_config(tiny_checkpoint("state-spaces"), tmp_path / "mismatch", n_layer=3)
+    assert_one_line_error(*_cli("info", "--model", str(out)), "missing: backbone.layers.2")
 
 
 def test_cli_random_refuses_existing_without_force(tmp_path):
     out = tmp_path / "r"
     assert _cli("random", "--out", str(out))[0] == 0
-    _assert_one_line_error(*_cli("random", "--out", str(out)), "--force")
+    assert_one_line_error(*_cli("random", "--out", str(out)), "--force")
     assert _cli("random", "--out", str(out), "--force", "--format", "hf")[0] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r"]   # nothing half-written left beside it

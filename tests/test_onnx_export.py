@@ -10,9 +10,9 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from mamba_deploy.cli import main
 from mamba_deploy import artifact
 from mamba_deploy.artifact import WEIGHTS_FILE, read_manifest
+from mamba_deploy.cli import main
 from mamba_deploy.onnx import contract
 from mamba_deploy.onnx.export import export, max_opset
 from mamba_deploy.onnx.functions import is_standard_domain

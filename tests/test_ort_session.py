@@ -9,16 +9,17 @@ import shutil
 import pytest
 import torch
 
+from helpers import assert_states_close, within
+from mamba_deploy import artifact as spec
+from mamba_deploy.artifact import DEFAULT_TOLERANCES
 from mamba_deploy.checkpoint import load_model
 from mamba_deploy.errors import UserError
 from mamba_deploy.model import MambaState
-from mamba_deploy import artifact as spec
-from mamba_deploy.artifact import DEFAULT_TOLERANCES
 from mamba_deploy.onnx import contract
 from mamba_deploy.onnx.export import export
 from mamba_deploy.runtime.session import open_session
 
-FP32_ATOL = 1e-5  # the issue's bound on the max abs logit error of an fp32 artifact
+FP32_ATOL = DEFAULT_TOLERANCES["fp32"][0]  # max abs logit error of an fp32 artifact
 VOCAB = 96        # conftest.TINY
 
 
@@ -52,16 +53,15 @@ def rollout(step, state, ids):
     return torch.stack(out, 1), state
 
 
-def close(actual, reference, dtype):
-    atol, rtol = DEFAULT_TOLERANCES[dtype]
-    return ((actual - reference).abs() <= atol + rtol * reference.abs()).all()
+def setup(artifact, reference, fmt, seed, shape, dtype=None):
+    """(fp32 reference model, onnxruntime session of the ``dtype`` artifact, fresh random ids of ``shape``)."""
+    torch.manual_seed(seed)
+    return reference[fmt], open_session(artifact(fmt, dtype), backend="onnxruntime"), torch.randint(0, VOCAB, shape)
 
 
 @pytest.mark.parametrize("fmt", ["state-spaces", "hf"])
 def test_fp32_rollout_256_steps(artifact, reference, fmt):
-    torch.manual_seed(0)
-    model, sess = reference[fmt], open_session(artifact(fmt), backend="onnxruntime")
-    ids = torch.randint(0, VOCAB, (2, 256))
+    model, sess, ids = setup(artifact, reference, fmt, 0, (2, 256))
     with torch.no_grad():
         want, want_state = rollout(model.step, model.allocate_state(2), ids)
     got, got_state = rollout(sess.step, sess.new_state(2), ids)
@@ -69,15 +69,12 @@ def test_fp32_rollout_256_steps(artifact, reference, fmt):
     err = (got - want).abs().max().item()
     assert err <= FP32_ATOL, f"max abs logit error {err:.3g} over 256 steps"
     assert want.abs().max() > 0.1  # the comparison is not between near-zero logits
-    for a, b in zip(got_state.ssm + got_state.conv, want_state.ssm + want_state.conv):
-        assert (a - b).abs().max() <= 1e-5
+    assert_states_close(got_state, want_state, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("fmt", ["state-spaces", "hf"])
 def test_prefill_half_then_steps_equals_full_sequence(artifact, reference, fmt):
-    torch.manual_seed(1)
-    model, sess = reference[fmt], open_session(artifact(fmt), backend="onnxruntime")
-    ids = torch.randint(0, VOCAB, (2, 64))
+    model, sess, ids = setup(artifact, reference, fmt, 1, (2, 64))
     with torch.no_grad():
         full, _ = model(ids)                                     # [b, T, V] in one forward
     logits, state = sess.prefill(ids[:, :32])
@@ -103,17 +100,15 @@ def test_all_logits_prefill(artifact, reference):
     assert every.shape == (3, 17, VOCAB) and (every - full).abs().max() <= FP32_ATOL
     last, _ = sess.prefill(ids)
     assert last.shape == (3, VOCAB) and torch.equal(last, every[:, -1])
-    assert all((a - b).abs().max() <= 1e-5 for a, b in zip(state.conv + state.ssm, want_state.conv + want_state.ssm))
+    assert_states_close(state, want_state, atol=1e-5, rtol=0)
     with pytest.raises(UserError, match="--all-logits"):
         open_session(artifact("hf"), backend="onnxruntime").prefill(ids, all_logits=True)
 
 
 @pytest.mark.parametrize("fmt", ["state-spaces", "hf"])
 def test_fp16_within_tolerance_of_fp32_model(artifact, reference, fmt):
-    torch.manual_seed(3)
-    model, sess = reference[fmt], open_session(artifact(fmt, "fp16"), backend="onnxruntime")
+    model, sess, ids = setup(artifact, reference, fmt, 3, (2, 96), dtype="fp16")
     assert sess.state_dtype == torch.float16
-    ids = torch.randint(0, VOCAB, (2, 96))
     with torch.no_grad():
         full, _ = model(ids)
     logits, state = sess.prefill(ids[:, :48])
@@ -122,7 +117,7 @@ def test_fp16_within_tolerance_of_fp32_model(artifact, reference, fmt):
     got = torch.cat([logits[:, None], steps], 1)
     want = full[:, 47:]
     atol, rtol = DEFAULT_TOLERANCES["fp16"]
-    assert close(got, want, "fp16"), f"max abs error {(got - want).abs().max():.3g} > atol {atol} + rtol {rtol}·|ref|"
+    assert within(got, want, "fp16"), f"max abs error {(got - want).abs().max():.3g} > atol {atol} + rtol {rtol}·|ref|"
     assert (got - want).abs().max() > 0  # really rounded to fp16 (not silently fp32)
 
 
@@ -141,7 +136,7 @@ def test_batch_rows_are_independent(artifact):
 
 
 def test_state_interchanges_with_torch(artifact, reference):
-    """A state produced by PyTorch continues on ONNX Runtime and vice versa (same layout, DESIGN §3)."""
+    """A state produced by PyTorch continues on ONNX Runtime and vice versa (same state layout, model.py MambaState)."""
     torch.manual_seed(5)
     model, sess = reference["state-spaces"], open_session(artifact(), backend="onnxruntime")
     ids = torch.randint(0, VOCAB, (2, 12))

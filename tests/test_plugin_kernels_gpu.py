@@ -14,7 +14,6 @@ pybind trampoline of ``IPluginV3OneRuntime.enqueue`` is not exercised here.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from types import SimpleNamespace
@@ -22,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import max_rel, scan_inputs
 from mamba_deploy.ops import selective_scan_ref, selective_state_update
 
 if not torch.cuda.is_available():
@@ -50,31 +50,14 @@ def library():
             json.dump(RESULTS, f, indent=2)
 
 
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in the output: the kernel left poisoned elements unwritten"
-    scale = ref.abs().max().item()
-    return (out.double() - ref.double()).abs().max().item() / (scale if scale > 0 else 1.0)
+rel_err = max_rel      # normwise: max|out − ref| / max|ref|; NaN (a poisoned element left unwritten) fails
 
 
 def make_inputs(b, d, N, L, dtype, seed=0, large_delta=True):
-    """Realistic Mamba ranges: δ ≈ softplus(δ_raw + bias) in ~[1e-3, 0.1], A = −(1…N), random B/C/D/z/state."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (b, d) if L is None else (b, d, L)
-    bc_shape = (b, N) if L is None else (b, N, L)
-
-    def r(*s, scale=1.0):
-        return (torch.randn(*s, generator=g) * scale).to(DEV)
-
-    dt = torch.exp(torch.rand(d, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    delta_bias = (dt + torch.log(-torch.expm1(-dt))).to(DEV)                  # inverse softplus, as Mamba's init
-    delta = r(*shape, scale=0.5)
-    if large_delta:  # exercise the softplus threshold (δ_raw + bias > 20 → δ = δ_raw + bias)
-        delta.view(-1)[:: 11] = 25.0
-    A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(d, 1) * (1 + 0.1 * torch.rand(d, N, generator=g))
-    t = dict(x=r(*shape), delta=delta, A=A.to(DEV).contiguous(), B=r(*bc_shape), C=r(*bc_shape), D=r(d),
-             delta_bias=delta_bias, z=r(*shape), state=r(b, d, N))
-    for k in ("x", "delta", "B", "C", "z"):
-        t[k] = t[k].to(dtype).contiguous()
+    """Realistic Mamba ranges (tests/helpers.py ``scan_inputs``) on the GPU, named as the kernels' ABI (x, state);
+    ``large_delta`` exercises the softplus threshold (δ_raw + bias > 20 → δ = δ_raw + bias)."""
+    t = scan_inputs(b, d, N, L, seed=seed, dtype=dtype, device=DEV, large_delta=large_delta)
+    t["x"], t["state"] = t.pop("u"), t.pop("initial_state")
     return t
 
 
@@ -111,11 +94,15 @@ def run_kernel(t, L, in_place=False, softplus=True, D=True, z=True):
 @pytest.mark.parametrize("dtype", list(DTYPES))
 @pytest.mark.parametrize("N", [1, 16, 17, 64, 256])
 def test_step_kernel_matches_float64_reference(dtype, N):
-    t = make_inputs(3, 37, N, None, DTYPES[dtype], seed=N)
-    y, h = run_kernel(t, None)
-    y_ref, h_ref = ref64(t, None)
+    _check_kernel("step", f"{dtype} N={N}", dtype, make_inputs(3, 37, N, None, DTYPES[dtype], seed=N), None)
+
+
+def _check_kernel(kind: str, key: str, dtype: str, t: dict, L) -> None:
+    """Run the kernel on ``t`` and compare y and the final state with the float64 reference; record the errors."""
+    y, h = run_kernel(t, L)
+    y_ref, h_ref = ref64(t, L)
     ey, eh = rel_err(y, y_ref), rel_err(h, h_ref)
-    RESULTS.setdefault("step", {})[f"{dtype} N={N}"] = {"y_rel": ey, "state_rel": eh}
+    RESULTS.setdefault(kind, {})[key] = {"y_rel": ey, "state_rel": eh}
     assert ey <= Y_TOL[dtype], f"y rel err {ey:.2e} > {Y_TOL[dtype]}"
     assert eh <= STATE_TOL, f"state rel err {eh:.2e} > {STATE_TOL}"
 
@@ -125,13 +112,8 @@ def test_step_kernel_matches_float64_reference(dtype, N):
 @pytest.mark.parametrize("L", [1, 7, 129])
 @pytest.mark.parametrize("N", [1, 16, 17, 64, 256])
 def test_scan_kernel_matches_float64_reference(dtype, L, N):
-    t = make_inputs(3, 37, N, L, DTYPES[dtype], seed=1000 * N + L)
-    y, h = run_kernel(t, L)
-    y_ref, h_ref = ref64(t, L)
-    ey, eh = rel_err(y, y_ref), rel_err(h, h_ref)
-    RESULTS.setdefault("scan", {})[f"{dtype} N={N} L={L}"] = {"y_rel": ey, "state_rel": eh}
-    assert ey <= Y_TOL[dtype], f"y rel err {ey:.2e} > {Y_TOL[dtype]}"
-    assert eh <= STATE_TOL, f"state rel err {eh:.2e} > {STATE_TOL}"
+    _check_kernel("scan", f"{dtype} N={N} L={L}", dtype, make_inputs(3, 37, N, L, DTYPES[dtype], seed=1000 * N + L),
+                  L)
 
 
 @pytest.mark.gpu

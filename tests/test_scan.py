@@ -6,34 +6,13 @@ import math
 import pytest
 import torch
 
+from helpers import rel, scan_inputs
 from mamba_deploy.ops import selective_scan_chunked, selective_scan_ref, selective_state_update
-
-
-def realistic_inputs(batch, d, N, L, seed, dtype=torch.float32):
-    """δ from upstream's init range (softplus(bias) in [1e-3, 0.1]) plus noise; A = −(1..N) (S4D-real)."""
-    g = torch.Generator().manual_seed(seed)
-    dt = torch.exp(torch.rand(d, generator=g) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
-    delta_bias = dt + torch.log(-torch.expm1(-dt))
-    return dict(
-        u=torch.randn(batch, d, L, generator=g).to(dtype),
-        delta=(0.5 * torch.randn(batch, d, L, generator=g)).to(dtype),
-        A=-torch.arange(1, N + 1, dtype=torch.float32).repeat(d, 1) * (0.5 + torch.rand(d, 1, generator=g)),
-        B=torch.randn(batch, N, L, generator=g).to(dtype),
-        C=torch.randn(batch, N, L, generator=g).to(dtype),
-        D=torch.randn(d, generator=g),
-        z=torch.randn(batch, d, L, generator=g).to(dtype),
-        delta_bias=delta_bias,
-        initial_state=torch.randn(batch, d, N, generator=g),
-    )
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize("L", [1, 7, 257, 4096])
 def test_chunked_matches_sequential(L):
-    args = realistic_inputs(2, 8, 16, L, seed=L)
+    args = scan_inputs(2, 8, 16, L, seed=L)
     y_ref, h_ref = selective_scan_ref(**args)
     y, h = selective_scan_chunked(**args)
     assert torch.isfinite(y).all()
@@ -42,7 +21,7 @@ def test_chunked_matches_sequential(L):
 
 def test_chunked_long_sequence_large_decay_stays_finite():
     """Σδ·A reaches −1e4 over the sequence: a cumsum-and-divide scan would overflow exp(); ours must not."""
-    args = realistic_inputs(1, 4, 16, 4096, seed=1)
+    args = scan_inputs(1, 4, 16, 4096, seed=1)
     args["delta_bias"] = torch.full((4,), 3.0)   # δ ≈ 3 per step
     y_ref, h_ref = selective_scan_ref(**args)
     y, h = selective_scan_chunked(**args)
@@ -51,14 +30,14 @@ def test_chunked_long_sequence_large_decay_stays_finite():
 
 @pytest.mark.parametrize("chunk_len", [1, 5, 64])
 def test_chunk_length_does_not_change_result(chunk_len):
-    args = realistic_inputs(1, 6, 4, 77, seed=chunk_len)
+    args = scan_inputs(1, 6, 4, 77, seed=chunk_len)
     y_ref, h_ref = selective_scan_ref(**args)
     y, h = selective_scan_chunked(**args, chunk_len=chunk_len)
     assert rel(y, y_ref) <= 1e-5 and rel(h, h_ref) <= 1e-5
 
 
 def test_optional_inputs_absent():
-    args = realistic_inputs(2, 5, 3, 20, seed=9)
+    args = scan_inputs(2, 5, 3, 20, seed=9)
     for k in ("D", "z", "delta_bias", "initial_state"):
         args[k] = None
     y_ref, h_ref = selective_scan_ref(**args)
@@ -68,7 +47,7 @@ def test_optional_inputs_absent():
 
 def test_reference_matches_hand_written_recurrence_in_float64():
     """The reference itself against the math written out with explicit loops (float64)."""
-    a = {k: (v.double() if v is not None else None) for k, v in realistic_inputs(1, 3, 2, 5, seed=3).items()}
+    a = {k: (v.double() if v is not None else None) for k, v in scan_inputs(1, 3, 2, 5, seed=3).items()}
     y, h = selective_scan_ref(**a)
     d = torch.nn.functional.softplus(a["delta"] + a["delta_bias"][:, None])
     hs = a["initial_state"][0].clone()
@@ -83,7 +62,7 @@ def test_reference_matches_hand_written_recurrence_in_float64():
 
 
 def test_state_update_equals_one_step_scan():
-    args = realistic_inputs(3, 7, 5, 1, seed=11)
+    args = scan_inputs(3, 7, 5, 1, seed=11)
     y_scan, h_scan = selective_scan_ref(**args)
     state = args.pop("initial_state")
     step_args = {k: (v[..., 0] if k in ("u", "delta", "B", "C", "z") else v) for k, v in args.items()}

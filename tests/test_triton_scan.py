@@ -21,30 +21,19 @@ import textwrap
 import pytest
 import torch
 
+from helpers import SCAN_NAMES as NAMES
+from helpers import max_rel, scan_inputs
 from mamba_deploy.ops.selective_scan import selective_scan_chunked, selective_scan_ref
 
-NAMES = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state")
 FP32_REL = 1e-4
 BF16_RTOL, BF16_ATOL = 3e-2, 5e-2
 
 
 def make_inputs(batch, d, L, N, *, has_d, has_z, has_bias, has_h0, act_dtype, device, seed):
-    """Upstream's test distributions: δ = 0.5·U(0,1) (+ bias 0.5·U), A = −0.5·U, u, B, C, z, D ~ N(0,1)."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-
-    def rnd(*shape, kind="n", scale=1.0, dtype=act_dtype):
-        x = torch.randn(*shape, generator=g) if kind == "n" else torch.rand(*shape, generator=g)
-        return (scale * x).to(device=device, dtype=dtype)
-
-    return dict(
-        u=rnd(batch, d, L), delta=rnd(batch, d, L, kind="u", scale=0.5),
-        A=rnd(d, N, kind="u", scale=-0.5, dtype=torch.float32),
-        B=rnd(batch, N, L), C=rnd(batch, N, L),
-        D=rnd(d, dtype=torch.float32) if has_d else None,
-        z=rnd(batch, d, L) if has_z else None,
-        delta_bias=rnd(d, kind="u", scale=0.5, dtype=torch.float32) if has_bias else None,
-        initial_state=rnd(batch, d, N, dtype=torch.float32) if has_h0 else None,
-    )
+    """Upstream's test distributions (tests/helpers.py ``scan_inputs``, dist="upstream"): δ = 0.5·U(0,1) (+ bias
+    0.5·U), A = −0.5·U, u, B, C, z, D ~ N(0,1)."""
+    return scan_inputs(batch, d, N, L, seed=seed, dtype=act_dtype, device=device, dist="upstream", D=has_d,
+                       z=has_z, delta_bias=has_bias, initial_state=has_h0)
 
 
 def run_with_grads(fn, inputs, gy_seed=1, **kw):
@@ -66,12 +55,7 @@ def to64(inputs):
     return {k: (v.double() if v is not None else None) for k, v in inputs.items()}
 
 
-def normwise_rel(ours, ref):
-    """max|ours − ref| / max|ref|; a reference that is exactly zero (∂A when L = 1 and h_0 = 0: then a_t h_{t−1} = 0)
-    is compared absolutely instead (ours carries the rounding of h_t − b_t there, ~1e-7 for O(1) inputs)."""
-    ref = ref.double()
-    scale = ref.abs().max().item()
-    return (ours.double() - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+normwise_rel = max_rel   # max|ours − ref| / max|ref| (a zero reference, e.g. ∂A at L = 1 with h_0 = 0, absolutely)
 
 
 def bf16_excess(ours, ref):
