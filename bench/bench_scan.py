@@ -3,8 +3,9 @@
 
     python bench/bench_scan.py --json scan.json [--sweep] [--profile] [--bwd-variants]
 
-Default shape: batch 8, d_inner 2048, L 2048, N 16, bf16 activations (A, D, δ bias fp32) — DESIGN §6's anchor, where
-upstream's CUDA kernel takes 0.595 ms forward and 3.03 ms forward+backward on an H100.
+Default shape: batch 8, d_inner 2048, L 2048, N 16, bf16 activations (A, D, δ bias fp32) — the shape at which
+upstream's CUDA kernel (mamba_ssm) took 0.595 ms forward and 3.03 ms forward+backward on an H100 (measured outside
+this repository; README "Triton selective scan").
 Times are medians of ``triton.testing.do_bench``. The bytes-moved floor counts each input read once and each
 output written once (no saved states), at the HBM bandwidth measured in the same run by a 1 GiB device copy.
 ``--sweep`` times tile configurations (``ScanConfig``) of both kernels; ``--profile`` writes a torch.profiler kernel

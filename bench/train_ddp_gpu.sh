@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Data-parallel scaling of `mamba-deploy train` (issue 5): tokens/s on 1 GPU vs 2 GPUs (torchrun + DDP, NCCL), same
+# Data-parallel scaling of `mamba-deploy train`: tokens/s on 1 GPU vs 2 GPUs (torchrun + DDP, NCCL), same
 # per-GPU batch, each run limited to MINUTES of wall time, on a byte-level text corpus made from this repository's
 # sources. Model: a 130m-like shape with a byte vocabulary (d_model 768, 24 layers), seq 1024, batch 8 per GPU.
 #

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU quality run of `mamba-deploy train` (issue 5): the paper's 2-layer d_model=64 Mamba on induction heads (trained
+# GPU quality run of `mamba-deploy train`: the paper's 2-layer d_model=64 Mamba on induction heads (trained
 # at length 256, evaluated at 1024 through the parallel forward and at 4096 through model.step) and on selective
 # copying (length 256; a second run at 1024), trained side by side as separate processes on one GPU, each with a
 # wall-time budget (train.max_minutes: the cosine schedule follows elapsed time, so each ends with a decayed lr).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The single script for a GPU run of the decode fast path and the benchmark (issue 6). Stages (STAGES, comma
+# The single script for a GPU run of the decode fast path and the benchmark. Stages (STAGES, comma
 # separated, default all): tests (GPU tests of torch-fast), profile (scripts/profile_decode.py), bench
 # (mamba-deploy bench, 370m random fp16, batches 1,8,64, prompt 2048). Everything lands under $OUT (at most 8
 # files come back from the device machine): gpu.txt, tests.log, profile.json, profile.log, bench.json,
