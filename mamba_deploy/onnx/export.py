@@ -19,6 +19,7 @@ All initializers live in one external-data file that both graphs reference (no 2
 """
 from __future__ import annotations
 
+import collections
 import re
 from pathlib import Path
 
@@ -299,7 +300,7 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
     finally:
         weights.close()
     builder = family.graph_emitter()(model, weights, act.onnx)
-    graphs = {}
+    graphs, used = {}, {}
     for graph, build in (("step", lambda: builder.step_graph(weights, opset)),
                          ("prefill", lambda: builder.prefill_graph(weights, opset, all_logits))):
         say(f"building {graph} graph")
@@ -307,6 +308,7 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
         file = artifact.GRAPH_FILES[graph]
         (out_dir / file).write_bytes(proto.SerializeToString())
         graphs[graph] = {"file": file, **_io_spec(proto)}
+        used[graph] = collections.Counter(n.op_type for n in proto.graph.node if n.domain == contract.DOMAIN)
     graphs["prefill"]["all_logits"] = bool(all_logits)
     say("checking graphs")
     for graph in graphs.values():
@@ -314,12 +316,12 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
             onnx.checker.check_model(str(out_dir / graph["file"]))
         except onnx.checker.ValidationError as e:  # a bug of ours, not the user's: keep the details
             raise RuntimeError(f"exported {graph['file']} fails onnx.checker: {e}") from e
-    custom_ops = [
-        {"domain": contract.DOMAIN, "op_type": spec.op_type, "version": contract.DOMAIN_VERSION,
-         "attributes": dict(spec.attributes), "function": True,
-         "plugin": {"name": spec.op_type, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
-         "graph": "step" if spec is contract.SELECTIVE_SCAN_STEP else "prefill", "count": cfg.n_layer}
-        for spec in contract.OPS.values()]
+    custom_ops = [   # every custom op the family's emitter used, per graph, with its node count
+        {"domain": contract.DOMAIN, "op_type": op, "version": contract.DOMAIN_VERSION,
+         "attributes": dict(contract.OPS[op].attributes), "function": True,
+         "plugin": {"name": op, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
+         "graph": graph, "count": count}
+        for graph, counts in used.items() for op, count in counts.items()]
     manifest = artifact.build_manifest(
         config=cfg, family=family, act_dtype=act_dtype, graphs=graphs, custom_ops=custom_ops,
         onnx_info={"ir_version": contract.IR_VERSION, "opset": opset, "domain": contract.DOMAIN,

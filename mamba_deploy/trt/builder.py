@@ -167,7 +167,6 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
         if cache is None:
             raise UserError(f"{timing_cache_file} is not a TensorRT timing cache; delete it or pick another path")
 
-    n_layer = int(manifest["dims"]["n_layer"])
     report = {"artifact": str(artifact.resolve()), "tensorrt": compat.describe(), "plugin": use_plugin,
               "precision": precision or manifest["dtype"], "artifact_dtype": manifest["dtype"],
               "strongly_typed": strongly_typed, "timing_cache": timing_cache_note or (str(timing_cache_file)
@@ -180,9 +179,10 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
         result = build_engine(trt, artifact / spec["file"], ranges, use_plugin, strongly_typed, precision_flag,
                               cache, verbose)
         n_plugin = sum(layer["type"] == PLUGIN_LAYER_TYPE for layer in result["layers"])
-        if use_plugin and n_plugin != n_layer:
+        n_custom = sum(op["count"] for op in manifest["custom_ops"] if op["graph"] == graph)
+        if use_plugin and n_plugin != n_custom:
             raise RuntimeError(f"the {graph} network has {n_plugin} {PLUGIN_LAYER_TYPE} layers, expected one per "
-                               f"Mamba layer ({n_layer}): the parser did not use the selective-scan plugin")
+                               f"custom node ({n_custom}): the parser did not use the selective-scan plugin")
         engine_path = artifact / ENGINE_FILES[graph]
         atomic_write(engine_path, bytes(result["plan"]))
         report["profiles"][graph] = {name: {"min": r[0], "opt": r[1], "max": r[2]} for name, r in ranges.items()}
