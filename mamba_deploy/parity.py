@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .artifact import CHECK_STEP0_INPUTS, CHECK_STEP0_OUTPUTS, STEP_GRAPH
 from .errors import UserError
 from .io import atomic_write
 from .model import MambaState
-from .artifact import CHECK_STEP0_INPUTS, CHECK_STEP0_OUTPUTS, STEP_GRAPH
 from .onnx.contract import conv_state_name, ssm_state_name
 
 REFERENCE = "torch-reference"
