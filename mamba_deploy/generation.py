@@ -77,29 +77,41 @@ class Generation:
 
     tokens: list[list[int]]
     stopped: list[bool]          # True where a stop id ended the sequence (else it ran to max_new_tokens)
+    state: MambaState | None = None      # with keep_state: the state after every prompt and generated token
+    logits: torch.Tensor | None = None   # with keep_state: the logits for the next token [1, V]
 
 
 def generate(session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
              params: SamplingParams = SamplingParams(), seed: int = 0, stop_ids: Iterable[int] = (),
-             on_token: Callable[[int, int], None] | None = None) -> Generation:
+             on_token: Callable[[int, int], None] | None = None,
+             start=None, keep_state: bool = False) -> Generation:
     """Continue each prompt (a list of token ids) by up to ``max_new_tokens`` tokens on ``session``.
 
     Only the first ``session.vocab_size`` logits (the tokenizer vocabulary) are sampled from: the logits are
     ``session.padded_vocab_size`` wide and the ids beyond the vocabulary are padding rows, never a token.
     ``on_token(i, token)`` is called as soon as prompt ``i`` gets a token (for streaming).
+    ``start``: a ``SavedState`` (runtime/state_io.py) of one sequence to continue from: the prompt is prefilled
+    from its state, or, when the prompt is empty, generation starts from its stored logits.
+    ``keep_state`` (one prompt): also consume the last generated token and return the final state and logits in
+    ``Generation.state`` / ``.logits`` (what ``save_state`` stores to resume later).
     """
     if not prompts:
         raise UserError("give at least one prompt")
     if max_new_tokens < 0:
         raise UserError(f"--max-new-tokens must be >= 0, got {max_new_tokens}")
+    if (start is not None or keep_state) and len(prompts) != 1:
+        raise UserError("resuming from a saved state or keeping the final state works on one prompt at a time")
+    if start is not None and start.state.batch != 1:
+        raise UserError(f"the saved state holds {start.state.batch} sequences; resume needs a state of one")
     for i, p in enumerate(prompts):
-        if len(p) == 0:
-            raise UserError(f"prompt {i} is empty; every prompt needs at least one token")
+        if len(p) == 0 and (start is None or start.logits is None):
+            raise UserError(f"prompt {i} is empty; every prompt needs at least one token"
+                            + (" (the saved state has no logits to continue from)" if start is not None else ""))
     stop = set(int(s) for s in stop_ids)
     b = len(prompts)
     out: list[list[int]] = [[] for _ in range(b)]
     stopped = [False] * b
-    if max_new_tokens == 0:
+    if max_new_tokens == 0 and not keep_state:
         return Generation(out, stopped)
 
     generators = []
@@ -111,14 +123,19 @@ def generate(session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32
     # prefill each prompt at its own length, then one batch
     logits, states = [], []
     for p in prompts:
-        ids = torch.tensor([list(p)], dtype=torch.long)
-        lg, st = session.prefill(ids)
+        if start is not None and len(p) == 0:
+            lg, st = start.logits, start.state
+        else:
+            ids = torch.tensor([list(p)], dtype=torch.long)
+            lg, st = session.prefill(ids, start.state if start is not None else None)
         logits.append(lg)
         states.append(st)
     logits = torch.cat(logits)
     state = MambaState.cat(states) if b > 1 else states[0]
 
     vocab_size = session.vocab_size
+    if max_new_tokens == 0:
+        return Generation(out, stopped, state, logits)
     active = list(range(b))                      # prompt index of each batch row
     for t in range(max_new_tokens):
         lg = logits[:, :vocab_size]
@@ -145,6 +162,9 @@ def generate(session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32
             tokens = tokens[rows]
             active = [active[r] for r in keep]
         logits, state = session.step(tokens, state)
+    if keep_state:                               # consume the last token: the state then covers every token
+        logits, state = session.step(torch.tensor([out[0][-1]], dtype=torch.long), state)
+        return Generation(out, stopped, state, logits)
     return Generation(out, stopped)
 
 

@@ -19,6 +19,9 @@ COMMANDS = {
     "build": ("build", "Build TensorRT engines (step + prefill) for an artifact, with the selective-scan plugin."),
     "generate": ("generate", "Continue prompts on any backend (greedy or sampled), streaming tokens."),
     "check": ("check", "Compare an artifact's backends with the PyTorch source model (Polygraphy); exit 1 on failure."),
+    "serve": ("serve", "Serve a model over an OpenAI-compatible HTTP API (continuous batching, prefix-state cache)."),
+    "triton-repo": ("triton_repo", "Write a Triton Inference Server model repository (sequence batching, implicit "
+                    "state)."),
     "bench": ("bench", "Time prefill and decode of several backends side by side, against the HBM floor."),
     "train": ("train", "Train a model from a TOML config or preset (synthetic tasks, text), with checkpoints."),
 }

@@ -64,8 +64,13 @@ def load_tokenizer(path):
               help="Token ids that end a sequence (e.g. the EOS id 0 of GPT-NeoX's tokenizer).")
 @click.option("--device", default=None,
               help="Device of the backend: cpu or cuda[:N] (default: the backend's; cpu for torch and onnxruntime).")
+@click.option("--state-in", "state_in", type=click.Path(), default=None, metavar="FILE",
+              help="Resume from a state file (--state-out of an earlier run, any backend of the same artifact); "
+                   "the prompt, if given, continues it.")
+@click.option("--state-out", "state_out", type=click.Path(), default=None, metavar="FILE",
+              help="Save the state after the prompt and every generated token (safetensors, one prompt only).")
 def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_new_tokens, temperature, top_k,
-            top_p, seed, stop_ids, device):
+            top_p, seed, stop_ids, device, state_in, state_out):
     """Continue one or more prompts, printing tokens as they are generated.
 
     \b
@@ -74,6 +79,8 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
     \b
     Examples:
       mamba-deploy generate --model ckpt/tiny --prompt-ids 1,2,3 -n 16
+      mamba-deploy generate --artifact export/tiny --prompt-ids 1,2,3 -n 8 --state-out s.safetensors
+      mamba-deploy generate --artifact export/tiny --backend onnxruntime --state-in s.safetensors -n 8
       mamba-deploy generate --artifact export/mamba-370m --backend onnxruntime \\
           --tokenizer tokenizer.json --prompt "Mamba is" --prompt "The capital of France" --temperature 0.8 --top-p 0.9
     """
@@ -89,7 +96,7 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
         raise UserError(f"artifact directory {artifact} does not exist; create it with `mamba-deploy export`")
     if prompt_ids and prompts:
         raise UserError("give --prompt-ids or --prompt, not both")
-    if not prompt_ids and not prompts:
+    if not prompt_ids and not prompts and state_in is None:
         raise UserError("give a prompt: --prompt-ids 1,2,3 or --prompt TEXT --tokenizer tokenizer.json")
     if prompts and tokenizer is None:
         raise UserError("--prompt TEXT needs --tokenizer tokenizer.json (or give token ids with --prompt-ids)")
@@ -102,10 +109,13 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
             if not i:
                 raise UserError(f"prompt '{p}' encodes to no tokens")
     else:
-        ids = [parse_ids(p) for p in prompt_ids]
+        ids = [parse_ids(p) for p in prompt_ids] or [[]]   # no prompt: continue --state-in's stored logits
+    if (state_in or state_out) and len(ids) != 1:
+        raise UserError("--state-in/--state-out work on one prompt at a time")
 
     options = {"device": device} if device else {}
     session = open_session(artifact if artifact is not None else model_ref, backend, **options)
+    start = session.load_state(state_in) if state_in else None
 
     batch = len(ids)
     streams = [TextStream(tok, p) for p in ids] if tok else None
@@ -128,7 +138,11 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
                 click.echo(f"[{i}] {text!r}" if streams else f"[{i}]{text}")
 
     result = generate(session, ids, max_new_tokens=max_new_tokens, params=params, seed=seed, stop_ids=stops,
-                      on_token=on_token)
+                      on_token=on_token, start=start, keep_state=state_out is not None)
+    if state_out:
+        n_tokens = (start.n_tokens if start else 0) + len(ids[0]) + len(result.tokens[0])
+        session.save_state(result.state, state_out, n_tokens, result.logits)
+        click.echo(f"state after {n_tokens} tokens saved to {state_out}", err=True)
     if batch == 1:
         if streams:
             tail = streams[0].flush()

@@ -45,6 +45,7 @@ class Session(abc.ABC):
     def set_dims(self, dims: ArtifactDims) -> None:
         self.n_layer, self.vocab_size, self.padded_vocab_size = dims.n_layer, dims.vocab_size, dims.padded_vocab_size
         self.conv_shape, self.ssm_shape, self.state_dtype = dims.conv_state, dims.ssm_state, dims.state_dtype
+    artifact_sha256: str | None = None  # sha256 of the artifact's manifest.json (set by open_session)
 
     @abc.abstractmethod
     def prefill(self, input_ids: torch.Tensor, state: MambaState | None = None) -> tuple[torch.Tensor, MambaState]:
@@ -60,6 +61,17 @@ class Session(abc.ABC):
              for _ in range(self.n_layer)],
             [torch.zeros(batch, *self.ssm_shape, dtype=torch.float32, device=self.device)
              for _ in range(self.n_layer)])
+
+    def save_state(self, state: MambaState, path, n_tokens: int, logits: torch.Tensor | None = None):
+        """Write ``state`` to a safetensors file with this model's identity and the token count (state_io.py)."""
+        from .state_io import save_state
+        return save_state(self, state, path, n_tokens, logits)
+
+    def load_state(self, path):
+        """Read a state file of this model → ``SavedState(state, n_tokens, logits)``; another artifact or family
+        is a one-line UserError (state_io.py)."""
+        from .state_io import load_state
+        return load_state(self, path)
 
     # -- input validation shared by all backends ---------------------------------------------------------------
     def check_ids(self, input_ids: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -113,13 +125,17 @@ def open_session(source, backend: str = "torch", **options) -> Session:
     check_backend_name(backend)
     module, factory = BACKENDS[backend].split(":")
     try:
-        return getattr(importlib.import_module(module), factory)(source, **options)
+        session = getattr(importlib.import_module(module), factory)(source, **options)
     except ImportError as e:
         if (e.name or "").startswith("mamba_deploy"):
             raise
         what = BACKEND_PACKAGES.get(backend, f"the '{e.name}' package")
         raise UserError(f"backend '{backend}' is not available: it needs {what} ({e.name or e} is not "
                         "installed)") from None
+    if is_artifact(source):
+        from .state_io import manifest_sha256
+        session.artifact_sha256 = manifest_sha256(source)
+    return session
 
 
 def is_artifact(source) -> bool:
