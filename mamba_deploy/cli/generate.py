@@ -112,6 +112,8 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
         ids = [parse_ids(p) for p in prompt_ids] or [[]]   # no prompt: continue --state-in's stored logits
     if (state_in or state_out) and len(ids) != 1:
         raise UserError("--state-in/--state-out work on one prompt at a time")
+    if state_out and not Path(state_out).resolve().parent.is_dir():
+        raise UserError(f"--state-out {state_out}: directory {Path(state_out).parent} does not exist")
 
     options = {"device": device} if device else {}
     session = open_session(artifact if artifact is not None else model_ref, backend, **options)
