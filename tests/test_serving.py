@@ -291,3 +291,82 @@ def test_prefix_cache_evicts_least_recently_used():
     cache.put(c[0], snap(2))
     assert cache.lookup(b) is None and cache.lookup(a) is not None and cache.lookup(c) is not None
     assert cache.nbytes == 2 * size
+
+
+class Recorder:
+    """A session that records its calls (kind, tokens per row, batch) and delegates everything else."""
+
+    def __init__(self, session):
+        self.inner, self.calls = session, []
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def prefill(self, ids, state=None):
+        self.calls.append(("prefill", ids.shape[1], ids.shape[0]))
+        return self.inner.prefill(ids, state)
+
+    def step(self, ids, state):
+        self.calls.append(("step", 1, ids.shape[0]))
+        return self.inner.step(ids, state)
+
+
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(artifact):
+    import threading
+
+    from mamba_deploy.serving.engine import Engine, Request
+
+    session = Recorder(open_session(str(artifact), "torch"))
+    engine = Engine(session, max_batch=2, vocab_size=VOCAB, block=BLOCK, prefix_cache_bytes=0)
+    done = {"a": threading.Event(), "b": threading.Event()}
+    tokens = {"a": [], "b": []}
+
+    def on_event(name):
+        def f(e):
+            if e.kind == "token":
+                tokens[name].append(e.token)
+                if name == "a" and len(tokens["a"]) == 3:
+                    engine.submit(Request(prompt=long_prompt, max_tokens=4, on_event=on_event("b")))
+            else:
+                done[name].set()
+        return f
+
+    long_prompt = [(5 * k + 1) % VOCAB for k in range(10 * BLOCK)]
+    engine.start()
+    try:
+        engine.submit(Request(prompt=[1, 2, 3], max_tokens=40, on_event=on_event("a")))
+        assert done["a"].wait(TIMEOUT) and done["b"].wait(TIMEOUT)
+    finally:
+        engine.stop()
+    chunks = [i for i, c in enumerate(session.calls) if c[0] == "prefill" and c[1] == BLOCK]
+    assert len(chunks) == 10                            # the long prompt went in 10 block-sized chunks …
+    for i, j in zip(chunks, chunks[1:]):                # … with a decode step of the running request between each
+        assert ("step", 1, 1) in session.calls[i + 1:j]
+    assert max(c[2] for c in session.calls if c[0] == "step") == 2     # then both decoded in one batch
+    assert tokens["b"] == reference(session.inner, long_prompt, 4)
+    assert tokens["a"] == reference(session.inner, [1, 2, 3], 40)
+
+
+def test_text_prompts_through_a_tokenizer(artifact):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mamba_deploy.generation import TextStream
+
+    words = [f"w{i}" for i in range(VOCAB - 1)]
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    session = open_session(str(artifact), "onnxruntime")
+    app, _ = build_app(str(artifact), "onnxruntime", max_batch=2, block=BLOCK, tokenizer=tok, model_name="tiny")
+    prompt = "w5 w17 w3 w44 w60"
+    ids = tok.encode(prompt).ids
+    want = reference(session, ids, 8, SamplingParams(temperature=1.0), seed=1)
+    stream = TextStream(tok, ids)
+    want_text = "".join(stream.push(t) for t in want) + stream.flush()
+    with ServerThread(app) as url:
+        c = client(url)
+        r = c.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=1.0, seed=1)
+        assert token_ids(r.choices[0]) == want and r.choices[0].text == want_text
+        assert r.usage.prompt_tokens == len(ids)
+        stop = want_text.split()[2]
+        r = c.completions.create(model="tiny", prompt=[prompt], max_tokens=8, temperature=1.0, seed=1, stop=[stop])
+        assert r.choices[0].text == want_text[:want_text.index(stop)] and r.choices[0].finish_reason == "stop"
