@@ -152,10 +152,9 @@ def main():
               "max_batch": args.max_batch, "requests_per_client": args.requests,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count()}, "levels": rows}
     if args.json:
-        tmp_path = f"{args.json}.tmp"
-        with open(tmp_path, "w") as f:
-            json.dump(report, f, indent=2)
-        os.replace(tmp_path, args.json)
+        sys.path.insert(0, str(ROOT))
+        from mamba_deploy.io import write_json
+        write_json(args.json, report)
 
 
 def _model_vocab(flag, path) -> int:

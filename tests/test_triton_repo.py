@@ -124,3 +124,10 @@ def test_errors_are_one_line(repo, tmp_path):
         assert r.exit_code == 2, r.output
         assert r.output.startswith("mamba-deploy: error:") and len(r.output.strip().splitlines()) == 1
     assert not (tmp_path / "r").exists() and not list(tmp_path.glob(".r.tmp*"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("not ours")
+    r = CliRunner().invoke(main, ["triton-repo", "--artifact", str(art), "--out", str(foreign), "--force"])
+    assert r.exit_code == 2 and (foreign / "keep.txt").exists()
+    r = CliRunner().invoke(main, ["triton-repo", "--artifact", str(art), "--out", str(repo_dir), "--force"])
+    assert r.exit_code == 0, r.output

@@ -24,13 +24,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from ..artifact import MANIFEST
 from ..errors import UserError
+from ..io import atomic_write
 from ..model import MambaState
 from ..onnx import contract
 
@@ -73,7 +73,7 @@ def _tensors(state: MambaState) -> dict[str, torch.Tensor]:
 
 
 def save_state(session, state: MambaState, path, n_tokens: int, logits: torch.Tensor | None = None) -> Path:
-    """Write ``state`` (checked against ``session``) and ``n_tokens`` to ``path`` atomically (temp file + rename).
+    """Write ``state`` (checked against ``session``) and ``n_tokens`` to ``path`` atomically (io.atomic_write).
 
     ``logits`` [batch, vocab] (fp32), when given, are stored too so a restored generation needs no extra step.
     """
@@ -90,15 +90,9 @@ def save_state(session, state: MambaState, path, n_tokens: int, logits: torch.Te
     meta = {"format": STATE_FORMAT, **session_identity(session), "n_tokens": str(int(n_tokens)),
             "batch": str(state.batch), "backend": session.backend}
     path = Path(path)
-    if path.parent and not path.parent.is_dir():
+    if not path.resolve().parent.is_dir():
         raise UserError(f"cannot write {path}: directory {path.parent} does not exist")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def load_state(session, path) -> SavedState:

@@ -23,10 +23,12 @@ import shutil
 from pathlib import Path
 
 from ..errors import UserError
+from ..io import atomic_directory
 from ..onnx import contract
 
 _TRITON_TYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
                 "int32": "TYPE_INT32"}
+REPO_MARKER = ".mamba-deploy-triton-repo"
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
 
 
@@ -107,7 +109,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 def write_triton_repo(artifact, out, name: str | None = None, platform: str = "onnxruntime", max_batch: int = 8,
                       force: bool = False) -> list[Path]:
-    """Write the repository to ``out`` (atomically: a temp directory renamed at the end) → the config paths."""
+    """Write the repository to ``out`` (atomically, io.atomic_directory; --force replaces only a repository this
+    command wrote) → the config paths."""
     from ..onnx.manifest import read_manifest
 
     if platform not in PLATFORMS:
@@ -117,14 +120,11 @@ def write_triton_repo(artifact, out, name: str | None = None, platform: str = "o
     artifact = Path(artifact)
     manifest = read_manifest(artifact, verify=True)
     name = name or re.sub(r"[^A-Za-z0-9_.-]", "_", artifact.resolve().name)
-    out = Path(out)
-    if out.exists() and not force:
-        raise UserError(f"{out} exists; pass --force to replace it")
     model_config_pb2()  # fail early with the install hint
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    out = Path(out)
     written = []
-    try:
+    with atomic_directory(out, force=force, is_ours=is_triton_repo, what="Triton model repository",
+                          inputs=[artifact], option="--out") as tmp:
         for graph in ("prefill", "step"):
             model = f"{name}_{graph}"
             version = tmp / model / "1"
@@ -145,9 +145,10 @@ def write_triton_repo(artifact, out, name: str | None = None, platform: str = "o
             parse_config(text)          # what Triton will read must parse with its schema
             (tmp / model / "config.pbtxt").write_text(text)
             written.append(out / model / "config.pbtxt")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / REPO_MARKER).write_text(f"written by mamba-deploy triton-repo from {artifact.resolve()}\n")
     return written
+
+
+def is_triton_repo(path: Path) -> bool:
+    """A repository this command wrote (so --force may replace it)."""
+    return (Path(path) / REPO_MARKER).is_file()
