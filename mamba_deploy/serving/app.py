@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import threading
 import time
 import uuid
 from typing import Any
@@ -77,6 +78,8 @@ def create_app(engine: Engine, model_name: str, tokenizer=None, max_prompt_token
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        nonlocal dispatcher
+        dispatcher = LoopDispatcher(asyncio.get_running_loop())
         if owns_engine:
             engine.start()
         try:
@@ -87,6 +90,7 @@ def create_app(engine: Engine, model_name: str, tokenizer=None, max_prompt_token
 
     app = FastAPI(title="mamba-deploy", lifespan=lifespan)
     app.state.model_name = model_name
+    dispatcher = None   # set when the event loop runs (lifespan), see LoopDispatcher
     metrics = engine.metrics
     vocab = engine.vocab_size
 
@@ -182,12 +186,11 @@ def create_app(engine: Engine, model_name: str, tokenizer=None, max_prompt_token
         if not engine.alive:
             raise ApiError(503, "the engine is not running")
 
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         seed = req.seed if req.seed is not None else uuid.uuid4().int & 0x7FFF_FFFF
         job = Request(prompt=ids, max_tokens=req.max_tokens, params=params, seed=seed,
                       stop_ids=frozenset(req.stop_token_ids or ()),
-                      on_event=lambda e: loop.call_soon_threadsafe(events.put_nowait, e))
+                      on_event=lambda e: dispatcher.post(events, e))
         engine.submit(job)
         cid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         detok = Detokenizer(tokenizer, ids, stops)
@@ -254,6 +257,29 @@ def create_app(engine: Engine, model_name: str, tokenizer=None, max_prompt_token
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+class LoopDispatcher:
+    """Hands engine events (posted from the engine thread) to asyncio queues with one loop wake-up per burst rather
+    than one per token: the first post schedules a flush, later posts before it runs join it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.lock = threading.Lock()
+        self.pending: list = []
+
+    def post(self, queue: asyncio.Queue, event) -> None:
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) > 1:
+                return
+        self.loop.call_soon_threadsafe(self.flush)
+
+    def flush(self) -> None:
+        with self.lock:
+            items, self.pending = self.pending, []
+        for queue, event in items:
+            queue.put_nowait(event)
 
 
 async def watch_disconnect(http: HttpRequest, gen, job: Request):
