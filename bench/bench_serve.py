@@ -46,7 +46,8 @@ def make_source(args, tmp: Path) -> tuple[str, str]:
     if args.model:
         return "--model", args.model
     sys.path.insert(0, str(ROOT))
-    from mamba_deploy.checkpoint import parse_dtype, save_model
+    from mamba_deploy.artifact import parse_dtype
+    from mamba_deploy.checkpoint import save_model
     from mamba_deploy.config import config_for_size
     from mamba_deploy.model import random_model
     ckpt = save_model(random_model(config_for_size(args.random), seed=0, dtype=parse_dtype(args.dtype)),
@@ -162,7 +163,7 @@ def main():
 def _model_vocab(flag, path) -> int:
     sys.path.insert(0, str(ROOT))
     if flag == "--artifact":
-        from mamba_deploy.onnx.manifest import read_manifest
+        from mamba_deploy.artifact import read_manifest
         return int(read_manifest(path)["config"]["vocab_size"])
     from mamba_deploy.checkpoint import inspect
     return int(inspect(path).config.vocab_size)

@@ -49,7 +49,7 @@ def client(url: str) -> openai.OpenAI:
 
 
 def reference(session, prompt, n, params=SamplingParams(), seed=0):
-    return generate(session, [prompt], max_new_tokens=n, params=params, seed=seed, vocab_size=VOCAB).tokens[0]
+    return generate(session, [prompt], max_new_tokens=n, params=params, seed=seed).tokens[0]
 
 
 def token_ids(choice) -> list[int]:
@@ -325,7 +325,7 @@ def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(artifact):
     from mamba_deploy.serving.engine import Engine, Request
 
     session = Recorder(open_session(str(artifact), "torch"))
-    engine = Engine(session, max_batch=2, vocab_size=VOCAB, block=BLOCK, prefix_cache_bytes=0)
+    engine = Engine(session, max_batch=2, block=BLOCK, prefix_cache_bytes=0)
     done = {"a": threading.Event(), "b": threading.Event()}
     tokens = {"a": [], "b": []}
 

@@ -22,12 +22,13 @@ import re
 import shutil
 from pathlib import Path
 
+from ..artifact import BATCH_ALIASES, ENGINE_FILES, WEIGHTS_FILE, dtype_info, graph_spec, read_manifest
 from ..errors import UserError
 from ..io import atomic_directory
 from ..onnx import contract
 
-_TRITON_TYPE = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "bfloat16": "TYPE_BF16", "int64": "TYPE_INT64",
-                "int32": "TYPE_INT32"}
+_TRITON_TYPE = {"fp32": "TYPE_FP32", "fp16": "TYPE_FP16", "bf16": "TYPE_BF16", "int64": "TYPE_INT64",
+                "int32": "TYPE_INT32"}    # artifact.DType short name → Triton's DataType
 REPO_MARKER = ".mamba-deploy-triton-repo"
 PLATFORMS = {"onnxruntime": ("onnxruntime_onnx", "model.onnx"), "tensorrt": ("tensorrt_plan", "model.plan")}
 
@@ -42,10 +43,15 @@ def model_config_pb2():
     return pb
 
 
+def triton_type(dtype: str) -> str:
+    """A manifest dtype (artifact.DTYPES, short or long name) → Triton's DataType name."""
+    return _TRITON_TYPE[dtype_info(dtype).name]
+
+
 def _dims(shape, batched: bool) -> list[int]:
     """Manifest shape → Triton dims: without the leading batch axis, symbolic axes as -1."""
     if batched:
-        if not shape or shape[0] != "batch":
+        if not shape or shape[0] not in BATCH_ALIASES:
             raise UserError(f"expected a leading 'batch' axis in the manifest shape {shape}")
         shape = shape[1:]
     return [-1 if isinstance(d, str) else int(d) for d in shape]
@@ -55,7 +61,7 @@ def model_config(manifest: dict, graph: str, name: str, platform: str = "onnxrun
                  max_queue_delay_us: int = 1000, idle_us: int = 60_000_000, kind: str = "KIND_AUTO"):
     """The ``ModelConfig`` message for ``graph`` ("step" or "prefill") of an artifact's manifest."""
     pb = model_config_pb2()
-    spec = manifest["graphs"][graph]
+    spec = graph_spec(manifest, graph)
     n_layer = manifest["dims"]["n_layer"]
     states_in = set(contract.state_inputs(n_layer))
     cfg = pb.ModelConfig(name=name, platform=PLATFORMS[platform][0], max_batch_size=max_batch)
@@ -63,7 +69,7 @@ def model_config(manifest: dict, graph: str, name: str, platform: str = "onnxrun
         if port["name"] in states_in:
             continue
         dims = _dims(port["shape"], True)
-        inp = cfg.input.add(name=port["name"], data_type=_TRITON_TYPE[port["dtype"]])
+        inp = cfg.input.add(name=port["name"], data_type=triton_type(port["dtype"]))
         if dims:
             inp.dims.extend(dims)
         else:                       # [batch] → one element per request, reshaped to a scalar for the model
@@ -71,7 +77,7 @@ def model_config(manifest: dict, graph: str, name: str, platform: str = "onnxrun
             inp.reshape.SetInParent()
     for port in spec["outputs"]:
         if port["name"] == "logits":
-            cfg.output.add(name="logits", data_type=_TRITON_TYPE[port["dtype"]], dims=_dims(port["shape"], True))
+            cfg.output.add(name="logits", data_type=triton_type(port["dtype"]), dims=_dims(port["shape"], True))
     sb = cfg.sequence_batching
     sb.max_sequence_idle_microseconds = idle_us
     sb.oldest.max_candidate_sequences = max_batch
@@ -81,7 +87,7 @@ def model_config(manifest: dict, graph: str, name: str, platform: str = "onnxrun
         for state_in, state_out in ((contract.conv_state_name(i), contract.conv_state_name(i, True)),
                                     (contract.ssm_state_name(i), contract.ssm_state_name(i, True))):
             port = ports[state_in]
-            dtype, dims = _TRITON_TYPE[port["dtype"]], _dims(port["shape"], True)
+            dtype, dims = triton_type(port["dtype"]), _dims(port["shape"], True)
             st = sb.state.add(input_name=state_in, output_name=state_out, data_type=dtype, dims=dims)
             st.initial_state.add(data_type=dtype, dims=dims, zero_data=True, name=f"zero {state_in}")
     cfg.instance_group.add(count=1, kind=getattr(pb.ModelInstanceGroup, kind))
@@ -111,8 +117,6 @@ def write_triton_repo(artifact, out, name: str | None = None, platform: str = "o
                       force: bool = False) -> list[Path]:
     """Write the repository to ``out`` (atomically, io.atomic_directory; --force replaces only a repository this
     command wrote) → the config paths."""
-    from ..onnx.manifest import read_manifest
-
     if platform not in PLATFORMS:
         raise UserError(f"unknown platform '{platform}'; choose one of {', '.join(PLATFORMS)}")
     if max_batch < 1:
@@ -130,12 +134,11 @@ def write_triton_repo(artifact, out, name: str | None = None, platform: str = "o
             version = tmp / model / "1"
             version.mkdir(parents=True)
             if platform == "onnxruntime":
-                _link_or_copy(artifact / manifest["graphs"][graph]["file"], version / "model.onnx")
-                data = manifest.get("external_data")
-                if data:
-                    _link_or_copy(artifact / data, version / data)
+                _link_or_copy(artifact / graph_spec(manifest, graph)["file"], version / "model.onnx")
+                data = manifest.get("external_data", WEIGHTS_FILE)
+                _link_or_copy(artifact / data, version / data)
             else:
-                engine = artifact / f"{graph}.engine"
+                engine = artifact / ENGINE_FILES[graph]
                 if not engine.is_file():
                     raise UserError(f"{engine} does not exist; build engines with `mamba-deploy build --artifact "
                                     f"{artifact} --no-plugin` (Triton's TensorRT backend cannot load our Python "
