@@ -113,6 +113,7 @@ INTERP_CASES = [
     (37, 4, 8, 4, 5, "channel", True, False, True, (0.15, 0.45), 16, "fp32"),        # clamp binds both sides
     (32, 2, 4, 1, 8, "head1", False, True, False, (0.0, math.inf), 16, "fp32"),      # no softplus; D [H, 1]
     (70, 2, 4, 1, 6, "head", True, True, True, (0.0, math.inf), 32, "fp32"),         # chunk 32
+    (70, 2, 4, 1, 6, "head", True, True, True, (0.0, math.inf), 256, "fp32"),        # a model's 256 → 64
     (45, 2, 20, 1, 40, "head", True, True, True, (0.0, math.inf), 16, "fp32"),       # 2 d_state blocks of 32
     (29, 4, 8, 2, 16, "head", True, True, True, (0.0, math.inf), 16, "bf16"),
     (29, 4, 8, 2, 16, "channel", True, True, True, (0.0, math.inf), 16, "fp16"),
@@ -206,5 +207,7 @@ def test_rejects_bad_shapes():
         ssd_scan_triton(**{**inp, "dt": inp["dt"][:, :4]})
     with pytest.raises(ValueError, match="chunk_size"):
         ssd_scan_triton(**inp, chunk_size=24)
+    with pytest.raises(ValueError, match="chunk_size"):
+        ssd_scan_triton(**inp, chunk_size=8)
     with pytest.raises(ValueError, match="initial_state"):
         ssd_scan_triton(**{**inp, "initial_state": torch.zeros(1, 4, 4, 7)})

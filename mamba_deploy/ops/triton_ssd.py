@@ -403,6 +403,7 @@ class SSDConfig:
 
 
 DEFAULT_CONFIG = SSDConfig()
+MAX_CHUNK = 64          # [Q, Q] tiles in registers: Q = 128 would spill heavily in the backward
 # the configurations scripts/bench_ssd.py times side by side (each is also checked by tests/test_triton_ssd_gpu.py)
 # (sm_90 ptxas, bf16, 32 heads × 64, d_state 128: the default's chunk-scan kernel needs 164 registers, no spills;
 # its backward 255 registers + 192 bytes of spills; with 4 warps each spills more)
@@ -573,10 +574,15 @@ def ssd_scan_triton(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, dt
     initial_state: [batch, nheads, headdim, d_state] or None (zeros); dt_limit: (min, max) clamp after softplus.
     The z gate is left to the caller. Differentiable in every tensor argument; raises ValueError on bad shapes.
     Same arguments as upstream ``mamba_chunk_scan_combined`` (ssd_combined.py) minus z / seq_idx / varlen.
+
+    ``chunk_size``: the chunk length Q of these kernels (a power of two, 16 … 64; the result does not depend on
+    it beyond rounding). A larger value — a model config's ``chunk_size`` (upstream's Mamba-2 uses 256, a tiling
+    choice of its own kernels) — is taken as the largest these kernels tile well, 64. ``config`` overrides all
+    launch parameters (benchmarks).
     """
     cfg = config or DEFAULT_CONFIG
     if chunk_size is not None:
-        cfg = dataclasses.replace(cfg, chunk=chunk_size)
+        cfg = dataclasses.replace(cfg, chunk=min(int(chunk_size), MAX_CHUNK))
     _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, cfg.chunk)
     if D is not None and D.dim() == 2 and D.shape[1] == 1 and x.shape[3] != 1:
         D = D.reshape(-1)                      # the graph contract's per-head [H, 1]; autograd maps ∂D back
