@@ -67,6 +67,74 @@ def scan_inputs(batch: int, d: int, N: int, L: int | None, *, seed: int = 0, dty
             .contiguous() for k, v in out.items()}
 
 
+def run_with_grads(fn, inputs: dict, gy_seed: int = 1, **kw) -> dict[str, torch.Tensor]:
+    """``fn(**inputs, **kw) -> (y, final state)``: y, the final state and the gradients of ⟨y, gy⟩ + ⟨h_T, gh⟩ (random
+    gy, gh in float64) w.r.t. every tensor input that is not None, as ``d_<name>``."""
+    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
+    y, hT = fn(**leaves, **kw)
+    g = torch.Generator(device="cpu").manual_seed(gy_seed)
+    gy = torch.randn(y.shape, generator=g).to(y.device, torch.float64)
+    gh = torch.randn(hT.shape, generator=g).to(y.device, torch.float64)
+    loss = (y.double() * gy).sum() + (hT.double() * gh).sum()
+    names = [k for k, v in leaves.items() if v is not None]
+    grads = torch.autograd.grad(loss, [leaves[k] for k in names])
+    out = {"y": y.detach(), "final_state": hT.detach()}
+    out.update({"d_" + k: gr for k, gr in zip(names, grads)})
+    return out
+
+
+def run_interpreter_worker(script: str, timeout: int = 600):
+    """Run ``script`` in ONE fresh Python process with TRITON_INTERPRET=1 (the flag must be set before Triton
+    decorates the kernels, and this process may already have imported them), with this folder as ``sys.argv[1]``;
+    it prints one line ``RESULTS<json>``, returned parsed."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-c", script, os.path.dirname(os.path.abspath(__file__))], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")), None)
+    assert proc.returncode == 0 and line, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return json.loads(line[len("RESULTS"):])
+
+
+# ---- the plugin's CUDA kernels (tests/test_plugin_kernels_gpu.py, tests/test_ssd_kernels_gpu.py) -----------------
+KERNEL_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+KERNEL_Y_TOL = {"fp32": 1e-5, "fp16": 1e-3, "bf16": 8e-3}   # y: fp32 arithmetic, then rounding to the act dtype
+KERNEL_STATE_TOL = 1e-5                                       # the fp32 state, for every activation dtype
+
+
+def kernel_module_setup(report_env: str):
+    """For a test module of the plugin's CUDA kernels, at import: skip it without a CUDA device or without nvcc (to
+    build libmamba_scan.so); else return (the ``kernels`` module, a results dict, an autouse module fixture that
+    loads the library and afterwards writes the results as JSON to the file the environment variable ``report_env``
+    names, when set — the GPU scripts collect it)."""
+    import json
+    import os
+    import shutil
+
+    import pytest
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the plugin kernels run only on a GPU", allow_module_level=True)
+    if not (shutil.which("nvcc") or os.environ.get("MAMBA_DEPLOY_SCAN_LIB")
+            or os.path.exists("/usr/local/cuda/bin/nvcc")):
+        pytest.skip("nvcc not found: cannot build libmamba_scan.so", allow_module_level=True)
+    from mamba_deploy.trt import kernels
+    results: dict = {}
+
+    @pytest.fixture(scope="module", autouse=True)
+    def library():
+        yield kernels.load_library()
+        path = os.environ.get(report_env)
+        if path:
+            with open(path, "w") as f:
+                json.dump(results, f, indent=2)
+
+    return kernels, results, library
+
+
 def assert_states_close(a, b, atol: float = 1e-5, rtol: float = 1e-5) -> None:
     """Every layer's SSM and conv state of two MambaStates agree."""
     assert len(a.ssm) == len(b.ssm) and len(a.conv) == len(b.conv)

@@ -13,43 +13,21 @@ pybind trampoline of ``IPluginV3OneRuntime.enqueue`` is not exercised here.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from helpers import max_rel, scan_inputs
+from helpers import KERNEL_DTYPES as DTYPES
+from helpers import KERNEL_STATE_TOL as STATE_TOL
+from helpers import KERNEL_Y_TOL as Y_TOL
+from helpers import kernel_module_setup, max_rel, scan_inputs
 from mamba_deploy.ops import selective_scan_ref, selective_state_update
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device: the plugin kernels run only on a GPU", allow_module_level=True)
-if not (shutil.which("nvcc") or os.environ.get("MAMBA_DEPLOY_SCAN_LIB")
-        or os.path.exists("/usr/local/cuda/bin/nvcc")):
-    pytest.skip("nvcc not found: cannot build libmamba_scan.so", allow_module_level=True)
-
-from mamba_deploy.trt import kernels  # noqa: E402
+kernels, RESULTS, library = kernel_module_setup("MAMBA_DEPLOY_GPU_REPORT")
 from mamba_deploy.trt.plugin import ScanOpLogic  # noqa: E402
 
 DEV = "cuda"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-Y_TOL = {"fp32": 1e-5, "fp16": 1e-3, "bf16": 8e-3}
-STATE_TOL = 1e-5
-RESULTS: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def library():
-    lib = kernels.load_library()
-    yield lib
-    path = os.environ.get("MAMBA_DEPLOY_GPU_REPORT")
-    if path:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=2)
-
-
 rel_err = max_rel      # normwise: max|out − ref| / max|ref|; NaN (a poisoned element left unwritten) fails
 
 

@@ -11,45 +11,21 @@ Skipped without a CUDA device or without nvcc.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
 
 import pytest
 import torch
 
+from helpers import KERNEL_DTYPES as DTYPES
+from helpers import KERNEL_STATE_TOL as STATE_TOL
+from helpers import KERNEL_Y_TOL as Y_TOL
+from helpers import kernel_module_setup, max_rel
 from test_triton_ssd import ssd_reference
 
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device: the plugin kernels run only on a GPU", allow_module_level=True)
-if not (shutil.which("nvcc") or os.environ.get("MAMBA_DEPLOY_SCAN_LIB")
-        or os.path.exists("/usr/local/cuda/bin/nvcc")):
-    pytest.skip("nvcc not found: cannot build libmamba_scan.so", allow_module_level=True)
-
-from mamba_deploy.trt import kernels  # noqa: E402
+kernels, RESULTS, library = kernel_module_setup("MAMBA_DEPLOY_GPU_REPORT_SSD")
 
 DEV = "cuda"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-Y_TOL = {"fp32": 1e-5, "fp16": 1e-3, "bf16": 8e-3}
-STATE_TOL = 1e-5
-RESULTS: dict = {}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def library():
-    lib = kernels.load_library()
-    yield lib
-    path = os.environ.get("MAMBA_DEPLOY_GPU_REPORT_SSD")
-    if path:
-        with open(path, "w") as f:
-            json.dump(RESULTS, f, indent=2)
-
-
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    assert not torch.isnan(out).any(), "NaN in the output: the kernel left poisoned elements unwritten"
-    scale = ref.abs().max().item()
-    return (out.double() - ref.double()).abs().max().item() / (scale if scale > 0 else 1.0)
+rel_err = max_rel      # normwise: max|out − ref| / max|ref|; NaN (a poisoned element left unwritten) fails
 
 
 def make_inputs(b, L, H, P, G, N, dtype, seed=0, D_kind="head", large_dt=True):

@@ -114,6 +114,7 @@ def test_eval_through_step_matches_forward():
 
 
 # ---- training through the CLI -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_induction_tiny_trains_on_cpu_and_checkpoint_is_a_model(tmp_path):
     from mamba_deploy.checkpoint import load_model
     from mamba_deploy.model import random_model
@@ -151,6 +152,7 @@ def test_induction_tiny_trains_on_cpu_and_checkpoint_is_a_model(tmp_path):
     assert (tmp_path / "onnx" / "manifest.json").exists() and (tmp_path / "onnx" / "step.onnx").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_from_saved_step_exactly(tmp_path):
     from mamba_deploy.checkpoint import load_model
 

@@ -12,17 +12,12 @@ max(1, max|ref|) (gradients such as ∂A sum over batch × L terms; an absolute 
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from helpers import SCAN_NAMES as NAMES
-from helpers import max_rel, scan_inputs
+from helpers import max_rel, run_interpreter_worker, run_with_grads, scan_inputs
 from mamba_deploy.ops.selective_scan import selective_scan_chunked, selective_scan_ref
 
 FP32_REL = 1e-4
@@ -34,21 +29,6 @@ def make_inputs(batch, d, L, N, *, has_d, has_z, has_bias, has_h0, act_dtype, de
     0.5·U), A = −0.5·U, u, B, C, z, D ~ N(0,1)."""
     return scan_inputs(batch, d, N, L, seed=seed, dtype=act_dtype, device=device, dist="upstream", D=has_d,
                        z=has_z, delta_bias=has_bias, initial_state=has_h0)
-
-
-def run_with_grads(fn, inputs, gy_seed=1, **kw):
-    """y, final state and the gradients of ⟨y, gy⟩ + ⟨h_T, gh⟩ w.r.t. every tensor input (random gy, gh)."""
-    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
-    y, hT = fn(**leaves, **kw)
-    g = torch.Generator(device="cpu").manual_seed(gy_seed)
-    gy = torch.randn(y.shape, generator=g).to(y.device, torch.float64)
-    gh = torch.randn(hT.shape, generator=g).to(y.device, torch.float64)
-    loss = (y.double() * gy).sum() + (hT.double() * gh).sum()
-    names = [k for k in NAMES if leaves[k] is not None]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names])
-    out = {"y": y.detach(), "final_state": hT.detach()}
-    out.update({"d_" + k: gr for k, gr in zip(names, grads)})
-    return out
 
 
 def to64(inputs):
@@ -115,12 +95,7 @@ INTERP_VARIANTS = [((8, 2, 1, 1), (8, 2, 1, 1, True)), ((8, 2, 1, 1), (4, 2, 1, 
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-c", _WORKER, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")), None)
-    assert proc.returncode == 0 and line, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(line[len("RESULTS"):])
+    return run_interpreter_worker(_WORKER)
 
 
 @pytest.mark.parametrize("case", range(len(INTERP_CASES)),

@@ -12,18 +12,15 @@ rounded to the activation dtype, as upstream's kernels do; bf16 keeps 8 mantissa
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-NAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "initial_state")
+from helpers import max_rel, run_interpreter_worker, run_with_grads  # noqa: F401  (run_with_grads: also used by test_triton_ssd_gpu.py)
+
 TOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -72,25 +69,7 @@ def make_inputs(batch, L, H, P, G, N, *, D_kind, has_bias, has_h0, act_dtype, de
     )
 
 
-def run_with_grads(fn, inputs, gy_seed=1, **kw):
-    """y, final state, and the gradients of ⟨y, gy⟩ + ⟨h_T, gh⟩ w.r.t. every tensor input (random gy, gh)."""
-    leaves = {k: (v.detach().clone().requires_grad_(True) if v is not None else None) for k, v in inputs.items()}
-    y, hT = fn(**leaves, **kw)
-    g = torch.Generator(device="cpu").manual_seed(gy_seed)
-    gy = torch.randn(y.shape, generator=g).to(y.device, torch.float64)
-    gh = torch.randn(hT.shape, generator=g).to(y.device, torch.float64)
-    loss = (y.double() * gy).sum() + (hT.double() * gh).sum()
-    names = [k for k in NAMES if leaves[k] is not None]
-    grads = torch.autograd.grad(loss, [leaves[k] for k in names])
-    out = {"y": y.detach(), "final_state": hT.detach()}
-    out.update({"d_" + k: gr for k, gr in zip(names, grads)})
-    return out
-
-
-def normwise_rel(ours, ref):
-    ref = ref.double()
-    scale = ref.abs().max().item()
-    return (ours.double() - ref).abs().max().item() / (scale if scale > 0 else 1.0)
+normwise_rel = max_rel   # max|ours − ref| / max|ref| (tests/helpers.py)
 
 
 def compare(ours, ref):
@@ -151,12 +130,7 @@ _WORKER = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def interpreter_results():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, "-c", _WORKER, os.path.dirname(__file__)], env=env,
-                          capture_output=True, text=True, timeout=600)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS")), None)
-    assert proc.returncode == 0 and line, f"interpreter worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(line[len("RESULTS"):])
+    return run_interpreter_worker(_WORKER)
 
 
 def _case_id(c):
