@@ -23,6 +23,10 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from mamba_deploy.devices import require_cuda  # noqa: E402
+
+if __name__ == "__main__":   # before the Triton imports: on a CPU one line and exit 2, not a traceback
+    require_cuda("bench/bench_scan.py")
 
 from mamba_deploy.io import write_json  # noqa: E402
 from mamba_deploy.ops import triton_scan  # noqa: E402
@@ -182,9 +186,7 @@ def main(argv=None):
     p.add_argument("--profile", action="store_true", help="torch.profiler kernel breakdown of fwd and fwd+bwd")
     p.add_argument("--skip-chunked", action="store_true", help="do not time the chunked torch scan")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_scan needs a CUDA device", file=sys.stderr)
-        return 2
+    require_cuda("bench/bench_scan.py")
     import triton
     res = {"shape": {"batch": args.batch, "dim": args.dim, "seqlen": args.seqlen, "dstate": args.dstate,
                      "dtype": args.dtype, "z": True, "D": True, "delta_bias": True, "softplus": True},

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from mamba_deploy.config import config_for_size
+from mamba_deploy.devices import require_cuda
 from mamba_deploy.io import write_json
 from mamba_deploy.model import random_model
 
@@ -58,6 +59,7 @@ def main():
     p.add_argument("--backends", default="triton,chunked")
     p.add_argument("--json", default="train_bench.json")
     a = p.parse_args()
+    require_cuda("bench/bench_train.py")
     results = {"size": a.size, "batch": a.batch, "seq_len": a.seq_len, "device": torch.cuda.get_device_name(),
                "runs": []}
     for backend in a.backends.split(","):

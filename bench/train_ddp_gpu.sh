@@ -13,6 +13,7 @@ DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}   # more `train` options (a CPU dry run: DEVICE=cpu MINUTES=0.2 EXTRA="--set model.d_model=32 --set model.n_layer=1 --seq-len 64")
 mkdir -p "$OUT" "$RUN_ROOT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+[ "$DEVICE" = cpu ] || python3 -c 'from mamba_deploy.devices import require_cuda; require_cuda("bench/train_ddp_gpu.sh")' || exit 2
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1   # no NVLink multicast
 LOG="$OUT/log.txt"
 { date -u; nvidia-smi --query-gpu=name,memory.total --format=csv; python3 -c "import torch; print('gpus', torch.cuda.device_count())"; } 2>&1 | tee "$LOG"

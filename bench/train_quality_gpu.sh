@@ -20,6 +20,7 @@ EXTRA=${EXTRA:-}   # more `train` options for every run (a dry run on CPU: see t
 mkdir -p "$OUT" "$RUN_ROOT"
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+[ "$DEVICE" = cpu ] || python3 -c 'from mamba_deploy.devices import require_cuda; require_cuda("bench/train_quality_gpu.sh")' || exit 2
 LOG="$OUT/log.txt"
 
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv

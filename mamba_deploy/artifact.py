@@ -49,6 +49,7 @@ BUILD_REPORT = "build_report.json"
 CHECK_DIR = "check"                       # `mamba-deploy check` writes into <artifact>/check by default
 CHECK_REPORT = "report.json"
 CHECK_PLOT = "errors.png"
+TOKENIZER = "tokenizer.json"              # the checkpoint's HF tokenizers file, copied in when it has one
 CHECK_STEP0_INPUTS = "step0_inputs.json"  # first decode step's inputs and reference outputs, for `polygraphy run`
 CHECK_STEP0_OUTPUTS = "step0_reference_outputs.json"
 
@@ -312,3 +313,63 @@ def read_build_report(artifact) -> dict:
                         f"`mamba-deploy build --artifact {artifact}` first") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}); run `mamba-deploy build` again") from None
+
+
+# ---- the manifest against the graphs ---------------------------------------------------------------------------
+def _graph_facts(path: Path) -> tuple[dict[str, list], list | None]:
+    """(input/output name → shape with symbolic dims as names, the embedding table's dims) of an ONNX file, read
+    without its external data. The embedding is the initializer the graph gathers token rows from."""
+    import onnx
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and friends for a damaged file
+        first = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise UserError(f"{path} is not a readable ONNX model ({first}); export the artifact again") from None
+    ports = {vi.name: [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+             for vi in (*proto.graph.input, *proto.graph.output)}
+    inits = {t.name: list(t.dims) for t in proto.graph.initializer}
+    embed = next((inits[n.input[0]] for n in proto.graph.node if n.op_type == "Gather" and n.input[0] in inits),
+                 None)
+    return ports, embed
+
+
+def check_against_graphs(artifact_dir, manifest: dict) -> None:
+    """Cross-check the manifest with the graphs' own inputs, outputs and embedding table, and with its own config:
+    every port it lists has the shape it says; its dims (layers, per-row state shapes, logits width, d_model) are
+    the graphs'; its config gives those dims. A hand-edited or mismatched manifest is a one-line UserError, not an
+    ONNX Runtime traceback or a silently wrong session."""
+    from .families import FAMILIES, config_from_manifest
+
+    artifact_dir = Path(artifact_dir)
+    seen: dict[str, tuple] = {}
+    for graph in GRAPH_FILES:
+        spec = graph_spec(manifest, graph)
+        path = artifact_dir / spec["file"]
+        ports, embed = _graph_facts(path)
+        for port in (*spec["inputs"], *spec["outputs"]):
+            got = ports.get(port["name"])
+            if got is None:
+                raise UserError(f"{artifact_dir}: the manifest lists {graph} port {port['name']}, which {path.name} "
+                                "does not have; export the artifact again")
+            if got != list(port["shape"]):
+                raise UserError(f"{artifact_dir}: the manifest says {port['name']} has shape {port['shape']}, "
+                                f"{path.name} has {got}; export the artifact again")
+        facts = {"n_layer": sum(1 for n in ports if n.startswith("conv_state.") and n[11:].isdigit()),
+                 "conv_state": ports.get("conv_state.0", [None])[1:], "ssm_state": ports.get("ssm_state.0", [None])[1:],
+                 "padded_vocab_size": ports.get("logits", [None])[-1], "d_model": (embed or [None, None])[1]}
+        for key, value in facts.items():
+            if value not in (None, []):
+                seen.setdefault(key, (value, path.name))
+    dims = manifest.get("dims") if isinstance(manifest.get("dims"), dict) else {}
+    for key, (value, where) in seen.items():
+        if key in dims and dims[key] != value:
+            raise UserError(f"{artifact_dir}: manifest.json dims.{key} is {dims[key]} but {where} has {value}; the "
+                            "manifest was edited or belongs to another export: export it again")
+    try:
+        want = model_dims(config_from_manifest(manifest), FAMILIES[manifest["family"]])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{artifact_dir}: manifest.json's config is not valid ({e}); export it again") from None
+    for key, value in want.items():
+        if key in dims and dims[key] != value:
+            raise UserError(f"{artifact_dir}: manifest.json's config gives {key} = {value}, its dims and graphs "
+                            f"{dims[key]}: the manifest was edited or belongs to another export; export it again")

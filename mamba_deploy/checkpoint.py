@@ -23,10 +23,11 @@ from typing import Iterator
 
 import torch
 
-from .artifact import parse_dtype
+from .artifact import DTYPES, dtype_name, parse_dtype
 from .errors import UserError
 from .families import HF, STATE_SPACES, family_of, read_config, weight_table
 from .families.base import HF_EMBEDDING
+from .finite import NonFinite, find_nonfinite, nonfinite_error
 from .io import atomic_directory
 from .model import MambaLM
 
@@ -178,9 +179,11 @@ def verify_weights(info: CheckpointInfo) -> None:
 
 
 def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, device="cpu",
-               scan_backend: str = "auto") -> MambaLM:
-    """Load a checkpoint (local directory or hub id, either format, any registered family). Strict: any missing, unexpected or
-    mis-shaped key is an error that lists them. ``dtype`` None keeps the stored dtype."""
+               scan_backend: str = "auto", allow_nonfinite: bool = False) -> MambaLM:
+    """Load a checkpoint (local directory or hub id, either format, any registered family). Strict: any missing,
+    unexpected or mis-shaped key is an error that lists them. ``dtype`` None keeps the stored dtype. A NaN/Inf
+    weight (stored, or from the cast to ``dtype``) is a UserError naming it unless ``allow_nonfinite``; the
+    model's ``nonfinite`` lists them either way."""
     info = inspect(ref)
     verify_weights(info)
     dtype = parse_dtype(dtype) if dtype is not None else None
@@ -188,12 +191,19 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, d
         model = MambaLM(info.config, scan_backend=scan_backend)
     loaded: dict[str, torch.Tensor] = {}
     rename = _model_keys(info.config)
+    nonfinite: list[NonFinite] = []
     for name, tensor in _iter_tensors(info.path / info.weights_file):
         key = rename.get(name, name)
         if key == "lm_head.weight" and info.config.tie_embeddings:
             continue
         loaded[key] = tensor.to(device=device, dtype=dtype or tensor.dtype)
         del tensor
+        bad = find_nonfinite(name, loaded[key])
+        if bad is not None:
+            nonfinite.append(bad)
+    if nonfinite and not allow_nonfinite:
+        cast = f" (after the cast to {dtype_name(dtype)})" if dtype is not None else ""
+        raise nonfinite_error(f"checkpoint {info.path}{cast}", nonfinite)
     stored_dtypes = {t.dtype for t in loaded.values()}
     model.load_state_dict(loaded, strict=not info.config.tie_embeddings, assign=True)
     if info.config.tie_embeddings:  # assign=True replaced the shared Parameter: tie the head again
@@ -201,7 +211,24 @@ def load_model(ref: str | os.PathLike, dtype: torch.dtype | str | None = None, d
     if len(stored_dtypes) > 1 and dtype is None:  # mixed stored dtypes: unify on the embedding's
         model.to(model.backbone.embedding.weight.dtype)
     model.source = info
+    model.nonfinite = nonfinite
     return model
+
+
+FLOAT_TORCH = {d.torch for d in DTYPES if d.float}
+
+
+def scan_weights(info: CheckpointInfo) -> tuple[list[str], list[NonFinite]]:
+    """Read every weight once (memory-mapped): the stored dtypes (sorted names, e.g. ["fp32"]) and the tensors
+    holding NaN/Inf."""
+    dtypes, found = set(), []
+    for name, tensor in _iter_tensors(info.path / info.weights_file):
+        dtypes.add(dtype_name(tensor.dtype) if tensor.is_floating_point() and tensor.dtype in FLOAT_TORCH
+                   else str(tensor.dtype).replace("torch.", ""))
+        bad = find_nonfinite(name, tensor)
+        if bad is not None:
+            found.append(bad)
+    return sorted(dtypes), found
 
 
 # ---- writing ---------------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 
 from .errors import UserError
+from .finite import check_step_finite
 from .model import MambaState
 
 
@@ -94,6 +95,7 @@ def generate(session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32
     from its state, or, when the prompt is empty, generation starts from its stored logits.
     ``keep_state`` (one prompt): also consume the last generated token and return the final state and logits in
     ``Generation.state`` / ``.logits`` (what ``save_state`` stores to resume later).
+    Non-finite logits or states stop it with a UserError naming the step and the first layer where they appeared.
     """
     if not prompts:
         raise UserError("give at least one prompt")
@@ -128,6 +130,7 @@ def generate(session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32
         else:
             ids = torch.tensor([list(p)], dtype=torch.long)
             lg, st = session.prefill(ids, start.state if start is not None else None)
+        check_step_finite(lg, st, f"the prefill of prompt {len(logits)}")
         logits.append(lg)
         states.append(st)
     logits = torch.cat(logits)
@@ -162,6 +165,7 @@ def generate(session, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32
             tokens = tokens[rows]
             active = [active[r] for r in keep]
         logits, state = session.step(tokens, state)
+        check_step_finite(logits, state, f"decode step {t + 1}")
     if keep_state:                               # consume the last token: the state then covers every token
         logits, state = session.step(torch.tensor([out[0][-1]], dtype=torch.long), state)
         return Generation(out, stopped, state, logits)

@@ -114,7 +114,9 @@ class MambaLM(nn.Module):
         residual = h if residual is None else residual + h
         return residual.float() if self.config.residual_in_fp32 else residual
 
-    def forward(self, input_ids: torch.Tensor, state: MambaState | None = None):
+    def forward(self, input_ids: torch.Tensor, state: MambaState | None = None, num_logits: int | None = None):
+        """ids [b, L] (+ the state before them) → (logits [b, L, V], state after them); ``num_logits`` n: the
+        logits of the last n positions only ([b, n, V]; prefill needs 1, so the others are never computed)."""
         backend = self.scan_backend
         h = self.backbone.embedding(input_ids)
         residual = None
@@ -127,6 +129,8 @@ class MambaLM(nn.Module):
             conv.append(c)
             ssm.append(s)
         h = self.backbone.norm_f(self._residual(residual, h))
+        if num_logits is not None:
+            h = h[:, h.shape[1] - num_logits:]
         return self.lm_head(h), MambaState(conv, ssm)
 
     def step(self, input_ids: torch.Tensor, state: MambaState):

@@ -110,7 +110,39 @@ def compare_iteration(outputs: dict[str, dict[str, np.ndarray]], compare_func) -
                 per_out[out_name] = {"max_abs": float(r.max_absdiff), "max_rel": float(r.max_reldiff),
                                      "passed": bool(r)}
         report[names[i]] = per_out
+        mark_nonfinite(outputs[names[i]], per_out)
     return report
+
+
+def mark_nonfinite(outputs: dict[str, np.ndarray], per_out: dict[str, dict]) -> None:
+    """Add each output's NaN and Inf counts to its comparison; an output with any fails, whatever the comparator
+    said (NaN compares false, so an element-wise check can pass it), and its error is +inf rather than NaN (a NaN
+    is dropped by max() and showed as an error of 0)."""
+    for out_name, v in per_out.items():
+        arr = outputs.get(out_name)
+        nan = int(np.isnan(arr).sum()) if arr is not None else 0
+        inf = int(np.isinf(arr).sum()) if arr is not None else 0
+        v["nan"], v["inf"] = nan, inf
+        if nan or inf:
+            v["passed"] = False
+        for key in ("max_abs", "max_rel"):
+            if nan or inf or math.isnan(v[key]):
+                v[key] = math.inf
+
+
+def _count_nonfinite(agg: dict, v: dict, label: str) -> None:
+    """Accumulate NaN/Inf counts of one output over the rollout, and the first step that had any."""
+    agg["nan"] = agg.get("nan", 0) + v["nan"]
+    agg["inf"] = agg.get("inf", 0) + v["inf"]
+    if (v["nan"] or v["inf"]) and agg.get("first_nonfinite_step") is None:
+        agg["first_nonfinite_step"] = label
+    agg.setdefault("first_nonfinite_step", None)
+
+
+def _nonfinite_text(members: list[dict]) -> str:
+    nan, inf = sum(v["nan"] for v in members), sum(v["inf"] for v in members)
+    first = next((v["first_nonfinite_step"] for v in members if v["first_nonfinite_step"]), None)
+    return f"FAILED: {nan} NaN, {inf} Inf (first at {first})" if nan or inf else ""
 
 
 @dataclasses.dataclass
@@ -152,6 +184,7 @@ def run_check(reference, backends: dict, *, steps: int, prompt_len: int, batch: 
                 key = group.replace("_out.*", "")
                 rec[f"{key}_max_abs"] = max(v["max_abs"] for v in vals)
                 rec[f"{key}_max_rel"] = max(v["max_rel"] for v in vals)
+                rec[f"{key}_nonfinite"] = sum(v["nan"] + v["inf"] for v in vals)
             b["steps"].append(rec)
             for out_name, v in per_out.items():
                 agg = b["outputs"].setdefault(out_name, {"max_abs": 0.0, "max_rel": 0.0, "passed": True,
@@ -162,6 +195,7 @@ def run_check(reference, backends: dict, *, steps: int, prompt_len: int, batch: 
                 agg["max_rel"] = max(agg["max_rel"], v["max_rel"])
                 if not v["passed"] and agg["passed"]:
                     agg["passed"], agg["first_failed_step"] = False, label
+                _count_nonfinite(agg, v, label)
     for b in per_backend.values():
         b["token_agreement"] = b["token_agreement"] / (steps + 1)
         b["passed"] = all(v["passed"] for v in b["outputs"].values())
@@ -228,8 +262,9 @@ def format_table(report: dict) -> str:
             passed = all(v["passed"] for _, v in members)
             label = group if len(members) == 1 else f"{group} (worst {worst_name})"
             failed_at = [v["first_failed_step"] for _, v in members if v["first_failed_step"]]
+            nonfinite = _nonfinite_text([v for _, v in members])
             rows.append((label, f"{worst['max_abs']:.3e}", f"{max(v['max_rel'] for _, v in members):.3e}", tol_s,
-                         "PASSED" if passed else f"FAILED (first at {failed_at[0]})"))
+                         "PASSED" if passed else nonfinite or f"FAILED (first at {failed_at[0]})"))
         header = ("output", "max abs err", "max rel err", "tolerance", "result")
         widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
         fmt = "  ".join(f"{{:<{w}}}" for w in widths)
@@ -237,6 +272,18 @@ def format_table(report: dict) -> str:
         lines += [("  " + fmt.format(*r)).rstrip() for r in rows]
         lines.append(f"  {'PASSED' if b['passed'] else 'FAILED'} | {name} vs {REFERENCE}")
     return "\n".join(lines)
+
+
+def plot_nonfinite(ax, name: str, b: dict, color) -> None:
+    """Mark the steps where a backend's outputs held NaN/Inf (their error is +inf, which a log plot cannot show):
+    crosses at the top of the axes and a vertical line at the first one."""
+    bad = [i for i, s in enumerate(b["steps"]) if any(s.get(f"{k}_nonfinite") for k in ("logits", "conv_state",
+                                                                                          "ssm_state"))]
+    if not bad:
+        return
+    ax.axvline(bad[0], color=color, linestyle="-.", alpha=0.7,
+               label=f"{name}: NaN/Inf from {b['steps'][bad[0]]['step']}")
+    ax.plot(bad, [1.0] * len(bad), "x", color=color, transform=ax.get_xaxis_transform(), clip_on=False)
 
 
 def write_plot(report: dict, path: Path) -> None:
@@ -252,6 +299,7 @@ def write_plot(report: dict, path: Path) -> None:
         line, = ax.plot(x, [max(s["logits_max_abs"], floor) for s in b["steps"]], label=f"{name}: logits")
         ax.plot(x, [max(s["ssm_state_max_abs"], floor) for s in b["steps"]], linestyle="--",
                 color=line.get_color(), label=f"{name}: ssm state (worst layer)")
+        plot_nonfinite(ax, name, b, line.get_color())
     ax.axhline(report["tolerance"]["atol"], color="gray", linestyle=":", label="atol")
     ax.set_yscale("log")
     ax.set_xlabel("step (0 = prefill)")

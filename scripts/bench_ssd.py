@@ -25,6 +25,9 @@ from pathlib import Path
 
 import torch
 
+from mamba_deploy.devices import require_cuda
+from mamba_deploy.io import write_json
+
 
 def bench_ms(fn) -> float:
     import triton.testing
@@ -60,10 +63,7 @@ def load_upstream(src: Path):
 
 
 def save(path: Path, res: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=2))
-    tmp.replace(path)
+    write_json(path, res)
 
 
 def kernel_breakdown(fn, reps: int = 5) -> dict:
@@ -131,6 +131,7 @@ def main():
     ap.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     ap.add_argument("--plugin", action="store_true", help="also time the plugin's CUDA kernels (needs nvcc)")
     args = ap.parse_args()
+    require_cuda("scripts/bench_ssd.py")
     import triton
 
     from mamba_deploy.ops import triton_ssd

@@ -19,6 +19,7 @@ BATCHES=${BATCHES:-1,8,64}
 # PYTEST_ARGS: extra pytest arguments, e.g. -k "not interpreter" (the CPU interpreter test also runs in CI)
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c 'from mamba_deploy.devices import require_cuda; require_cuda("scripts/gpu_bench.sh")' || exit 2
 if [ -n "$ORT_SITE" ]; then
   export PYTHONPATH=$ORT_SITE:$PYTHONPATH
   # onnxruntime-gpu finds CUDA 13 / cuDNN 9 in the nvidia-* wheels that torch brought

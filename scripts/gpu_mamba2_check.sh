@@ -23,6 +23,7 @@ UP=()
 [ -n "$UPSTREAM_SRC" ] && { [ -f "$UPSTREAM_SRC" ] || [ -d "$UPSTREAM_SRC" ]; } && UP=(--upstream-src "$UPSTREAM_SRC")
 export PYTHONUNBUFFERED=1
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c 'from mamba_deploy.devices import require_cuda; require_cuda("scripts/gpu_mamba2_check.sh")' || exit 2
 has() { case ",$STAGES," in *",$1,"*) return 0;; *) return 1;; esac; }
 T0=$(date +%s)
 elapsed() { echo "   $(( $(date +%s) - T0 )) s"; }

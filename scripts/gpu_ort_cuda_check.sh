@@ -7,6 +7,7 @@ set -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ort_cuda_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python3 -c 'from mamba_deploy.devices import require_cuda; require_cuda("scripts/gpu_ort_cuda_check.sh")' || exit 2
 if [ -n "$ORT_SITE" ]; then export PYTHONPATH=$ORT_SITE:$PYTHONPATH; fi
 NV=$(python3 -c "import nvidia, os, glob; print(':'.join(sorted(glob.glob(os.path.join(list(nvidia.__path__)[0], '*', 'lib')))))")
 export LD_LIBRARY_PATH=$NV${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from mamba_deploy.devices import require_cuda
 from mamba_deploy.io import write_json
 
 
@@ -91,6 +92,7 @@ def main():
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--skip-tests", action="store_true")
     args = ap.parse_args()
+    require_cuda("scripts/gpu_plugin_check.py")
     args.out.mkdir(parents=True, exist_ok=True)
     rc = 0
     if not args.skip_tests:

@@ -15,14 +15,20 @@ import argparse
 import statistics
 
 import torch
-import triton.testing
 
-from mamba_deploy.bench import decode_floor_bytes, measure_hbm_bandwidth, weight_bytes
-from mamba_deploy.config import config_for_size
-from mamba_deploy.io import write_json
-from mamba_deploy.model import random_model
-from mamba_deploy.ops import triton_decode as td
-from mamba_deploy.runtime.fast_session import FastSession
+from mamba_deploy.devices import require_cuda
+
+if __name__ == "__main__":   # before the Triton imports: on a CPU one line and exit 2, not a traceback
+    require_cuda("scripts/profile_decode.py")
+
+import triton.testing  # noqa: E402
+
+from mamba_deploy.bench import decode_floor_bytes, measure_hbm_bandwidth, weight_bytes  # noqa: E402
+from mamba_deploy.config import config_for_size  # noqa: E402
+from mamba_deploy.io import write_json  # noqa: E402
+from mamba_deploy.model import random_model  # noqa: E402
+from mamba_deploy.ops import triton_decode as td  # noqa: E402
+from mamba_deploy.runtime.fast_session import FastSession  # noqa: E402
 
 dev = torch.device("cuda")
 

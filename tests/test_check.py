@@ -115,8 +115,8 @@ def test_check_with_model_override_and_tolerance(perturbed_artifact, ckpt, tmp_p
 @pytest.mark.parametrize("args, message", [
     (["--artifact", "/nonexistent/artifact"], "does not exist"),
     (["--artifact", "{artifact}", "--backends", "nosuch"], "unknown backend 'nosuch'"),
-    (["--artifact", "{artifact}", "--backends", ""], "--backends is empty"),
-    (["--artifact", "{artifact}", "--steps", "-1"], "--steps must be >= 0"),
+    (["--artifact", "{artifact}", "--backends", ""], "is empty"),
+    (["--artifact", "{artifact}", "--steps", "-1"], "-1 is not in the range x>=0"),
     (["--artifact", "{artifact}", "--model", "/nonexistent/ckpt"], "/nonexistent/ckpt"),
     (["--artifact", "{ckpt}"], "no manifest.json"),
 ])

@@ -42,6 +42,27 @@ class LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """As click's, but a usage error (unknown option, bad value, missing argument) is one line
+        ``mamba-deploy: error: …`` with exit status 2 instead of click's usage block."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            where = e.ctx.command_path if getattr(e, "ctx", None) is not None else "mamba-deploy"
+            hint = f" (see `{where} --help`)" if isinstance(e, click.UsageError) else ""
+            message = "; ".join(line.strip() for line in e.format_message().splitlines() if line.strip())
+            click.echo(f"mamba-deploy: error: {message}{hint}", err=True)
+            sys.exit(e.exit_code)
+        except click.exceptions.Abort:
+            click.echo("mamba-deploy: interrupted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
     def invoke(self, ctx):
         from ..errors import CheckFailed, UserError
         try:

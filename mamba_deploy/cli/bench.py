@@ -4,37 +4,26 @@ from __future__ import annotations
 import click
 
 from ..config import SIZES
-
-
-def _int_list(ctx, param, value):
-    try:
-        out = [int(v) for v in str(value).split(",") if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers such as 1,8,64, got {value!r}") from None
-    if not out or min(out) < 1:
-        raise click.BadParameter(f"expected positive integers such as 1,8,64, got {value!r}")
-    return out
+from .options import (artifact_option, backend_option, decode_len_option, device_option, dtype_option, int_list,
+                      model_option, threads_option)
 
 
 @click.command(name="bench")
-@click.option("--artifact", type=click.Path(file_okay=False), default=None,
-              help="An exported artifact directory (onnxruntime runs it; torch backends load its source checkpoint).")
-@click.option("--model", "model_ref", metavar="REF", default=None,
-              help="A checkpoint: local directory or hub id (onnxruntime gets a temporary export of it).")
+@artifact_option(required=False, help="An exported artifact directory (onnxruntime runs it; torch backends load "
+                                      "its source checkpoint).")
+@model_option(required=False, help="A checkpoint: local directory or hub id (onnxruntime gets a temporary export "
+                                   "of it).")
 @click.option("--random", "random_size", type=click.Choice(list(SIZES)), default=None,
               help="Random weights of a released model's shape (no hub needed), e.g. 370m.")
-@click.option("--backend", "backends", default=None, metavar="LIST",
-              help="Comma-separated backends: torch, torch-fast (CUDA), onnxruntime, … "
-                   "[default: torch,torch-fast on a GPU, torch on the CPU]")
-@click.option("--batch", "batches", default="1", callback=_int_list, show_default=True, metavar="LIST",
+@backend_option(help="Comma-separated backends: torch, torch-fast (CUDA), onnxruntime, tensorrt "
+                    "[default: torch,torch-fast on a GPU, torch on the CPU].")
+@click.option("--batch", "batches", default="1", callback=int_list, show_default=True, metavar="N[,N…]",
               help="Comma-separated batch sizes.")
 @click.option("--prompt-len", type=click.IntRange(min=1), default=128, show_default=True,
               help="Prompt tokens per sequence for the prefill timing (and before decoding).")
-@click.option("--gen-len", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Decode steps per timed repetition.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Weight precision [default: fp16 on a GPU, fp32 on the CPU].")
-@click.option("--device", default=None, help="cuda, cuda:N or cpu [default: cuda when a GPU is visible].")
+@decode_len_option(default=64, help="Decode steps per timed repetition (at least 1).")
+@dtype_option(help="Weight precision [default: fp16 on a GPU, fp32 on the CPU].")
+@device_option(help="cpu, cuda or cuda:N [default: cuda when a GPU is visible].")
 @click.option("--reps", type=click.IntRange(min=1), default=5, show_default=True,
               help="Timed repetitions (medians are reported).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True, help="Untimed repetitions.")
@@ -47,8 +36,9 @@ def _int_list(ctx, param, value):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, help="Write the report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
               help="Write a bar chart of decode ms/step (PNG/SVG/PDF by extension).")
-def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen_len, dtype, device, reps, warmup,
-            seed, budget_s, ort_tf32, json_path, plot_path):
+@threads_option
+def command(artifact, model_ref, random_size, backends, batches, prompt_len, max_new_tokens, dtype, device, reps,
+            warmup, seed, budget_s, ort_tf32, json_path, plot_path, threads):
     """Time prefill (ms, tokens/s) and decode (ms/step, tokens/s) of each backend at each batch size, with peak
     device memory; on a GPU also the decode floor (weight bytes + state traffic over the HBM bandwidth measured
     in the same run) and the ratio to it.
@@ -57,7 +47,7 @@ def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen
     Examples:
       mamba-deploy bench --random tiny --backend torch,onnxruntime --batch 1,4
       mamba-deploy bench --random 370m --backend torch-fast,torch --batch 1,8,64 --prompt-len 2048 \\
-          --gen-len 128 --json bench.json --plot bench.png
+          --max-new-tokens 128 --json bench.json --plot bench.png
     """
     import torch
     from tqdm.auto import tqdm
@@ -66,28 +56,20 @@ def command(artifact, model_ref, random_size, backends, batches, prompt_len, gen
     from ..bench import format_table, load_source, plot_decode, run_bench
     from ..io import write_json
     from ..errors import UserError
-    from ..runtime.session import BACKENDS
 
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device name; use cuda, cuda:N or cpu") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda asked for but no CUDA GPU is visible; use --device cpu")
-    names = [b.strip() for b in (backends or ("torch,torch-fast" if dev.type == "cuda" else "torch")).split(",")
-             if b.strip()]
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown:
-        raise UserError(f"unknown backend(s) {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    gen_len = max_new_tokens
+    if gen_len < 1:
+        raise UserError(f"--max-new-tokens must be >= 1 to time decoding, got {gen_len}")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    names = backends or (["torch", "torch-fast"] if dev.type == "cuda" else ["torch"])
     if "torch-fast" in names and dev.type != "cuda":
         raise UserError("backend torch-fast needs a CUDA GPU; drop it from --backend on the CPU")
     torch_dtype = parse_dtype(dtype or ("fp16" if dev.type == "cuda" else "fp32"))
     if dev.type == "cpu" and torch_dtype == torch.float16 and "torch" in names:
         click.echo("note: fp16 on the CPU is slow in PyTorch; fp32 is the usual CPU precision", err=True)
 
-    ort_options = {"use_tf32": ort_tf32} if "onnxruntime" in names and dev.type == "cuda" else None
+    ort_options = ({"use_tf32": ort_tf32} if dev.type == "cuda" else {"threads": threads}) \
+        if "onnxruntime" in names else None
     source = load_source(artifact, model_ref, random_size, torch_dtype, dev, seed)
     click.echo(f"benchmarking {source.label} ({str(torch_dtype).replace('torch.', '')}) on {dev}: "
                f"backends {', '.join(names)}, batch {','.join(map(str, batches))}, prompt {prompt_len}, "

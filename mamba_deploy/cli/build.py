@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import click
 
+from .options import artifact_option, dtype_option
+
 
 @click.command(name="build")
-@click.option("--artifact", required=True, type=click.Path(file_okay=False, path_type=str), metavar="DIR",
-              help="Artifact directory written by `mamba-deploy export` (engines and build_report.json go there).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Activation precision (default: the artifact's). TensorRT-RTX builds typed networks, so it must "
+@artifact_option(help="Artifact directory written by `mamba-deploy export` (engines and build_report.json go "
+                      "there).")
+@dtype_option(name="--precision", dest="precision",
+              help="Activation precision [default: the artifact's]. TensorRT-RTX builds typed networks, so it must "
                    "match the artifact; full TensorRT can lower an fp32 artifact to fp16/bf16.")
 @click.option("--max-batch", type=click.IntRange(1), default=8, show_default=True,
               help="Largest batch the engines accept (optimization profile max; opt = half of it).")
@@ -33,6 +35,11 @@ def command(artifact, precision, max_batch, max_prefill_len, no_plugin, timing_c
     \b
     Works with TensorRT >= 10 or TensorRT-RTX (pip install 'mamba-deploy[tensorrt]'); TensorRT-RTX builds
     without a GPU. Running the engines needs a GPU that flavor supports (see README).
+
+    \b
+    Examples:
+      mamba-deploy build --artifact export/tiny-fp16 --max-batch 8 --max-prefill-len 2048
+      mamba-deploy build --artifact export/tiny-fp16 --no-plugin
     """
     from ..artifact import BUILD_REPORT
     from ..trt.builder import build

@@ -6,47 +6,49 @@ from pathlib import Path
 import click
 
 from ..errors import CheckFailed, UserError
+from .options import (allow_nonfinite_option, artifact_option, backend_option, decode_len_option, device_option,
+                      model_option, threads_option)
 
 
 @click.command(name="check")
-@click.option("--artifact", type=click.Path(), required=True, metavar="DIR",
-              help="The artifact directory `mamba-deploy export` wrote.")
-@click.option("--model", "model_ref", default=None, metavar="REF",
-              help="Reference checkpoint (default: the source checkpoint named in the artifact's manifest).")
-@click.option("--backends", default="onnxruntime", show_default=True, metavar="NAME[,NAME…]",
-              help="Backends to check against the reference, e.g. onnxruntime,tensorrt.")
-@click.option("--steps", type=int, default=64, show_default=True, help="Decode steps after the prefill.")
+@artifact_option
+@model_option(required=False, help="Reference checkpoint (default: the source checkpoint named in the artifact's "
+                                   "manifest).")
+@backend_option(default="onnxruntime", help="Backends to check against the reference, e.g. onnxruntime,tensorrt.")
+@decode_len_option(default=64, help="Decode steps after the prefill.")
 @click.option("--prompt-len", type=int, default=16, show_default=True, help="Length of the random prompt.")
 @click.option("--batch", type=int, default=2, show_default=True, help="Sequences per run.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random prompt.")
 @click.option("--atol", type=float, default=None,
               help="Absolute tolerance (default per artifact dtype, from mamba_deploy/artifact.py).")
 @click.option("--rtol", type=float, default=None, help="Relative tolerance (default per artifact dtype, as --atol).")
-@click.option("--device", default=None,
-              help="Device of the checked backends: cpu or cuda[:N] (default: each backend's own; cpu for "
-                   "onnxruntime). The reference always runs fp32 on CPU.")
+@device_option(help="Device of the checked backends: cpu, cuda or cuda:N [default: each backend's own; cpu for "
+                    "onnxruntime]. The reference always runs fp32 on CPU.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None, metavar="DIR",
               help="Where the report, plot and Polygraphy step files go (default: ARTIFACT/check).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="JSON report with per-step errors (default: OUT/report.json).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="PNG of max abs error vs step per backend (default: OUT/errors.png).")
-def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol, rtol, device, out_dir, json_path,
-            plot_path):
+@allow_nonfinite_option
+@threads_option
+def command(artifact, model_ref, backends, max_new_tokens, prompt_len, batch, seed, atol, rtol, device, out_dir,
+            json_path, plot_path, allow_nonfinite, threads):
     """Check an artifact against the fp32 PyTorch model of its source checkpoint.
 
     \b
-    A random prompt (from --seed) is prefilled on every backend and on the reference, then decoded for --steps
-    steps. All runs get the same input tokens (the reference's greedy choices) but each backend feeds back its
-    own state, so an error in the state update grows over the rollout and shows. Logits and states of every
-    step are compared with Polygraphy's Comparator (simple compare function, element-wise: an element fails when
-    it exceeds both --atol and --rtol). Exits 1 when any tolerance is exceeded.
+    A random prompt (from --seed) is prefilled on every backend and on the reference, then decoded for
+    --max-new-tokens steps. All runs get the same input tokens (the reference's greedy choices) but each backend
+    feeds back its own state, so an error in the state update grows over the rollout and shows. Logits and states
+    of every step are compared with Polygraphy's Comparator (simple compare function, element-wise: an element
+    fails when it exceeds both --atol and --rtol); NaN and Inf are counted and always fail. Exits 1 when any
+    tolerance is exceeded.
     \b
     Writes OUT/report.json (per-step errors), OUT/errors.png, and the inputs and reference outputs of the first
     decode step in Polygraphy's formats, with the `polygraphy run` command that re-checks that step.
     \b
     Example:
-      mamba-deploy check --artifact export/mamba-370m --backends onnxruntime --steps 64
+      mamba-deploy check --artifact export/mamba-370m --backend onnxruntime --max-new-tokens 64
     """
     import torch
 
@@ -54,9 +56,10 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
     from ..checkpoint import load_model
     from ..io import write_json
     from ..parity import format_table, polygraphy_command, run_check, write_plot
-    from ..runtime.session import check_backend_name, open_session
+    from ..runtime.session import open_session
 
-    for opt, value, low in (("--steps", steps, 0), ("--prompt-len", prompt_len, 1), ("--batch", batch, 1)):
+    steps = max_new_tokens
+    for opt, value, low in (("--prompt-len", prompt_len, 1), ("--batch", batch, 1)):
         if value < low:
             raise UserError(f"{opt} must be >= {low}, got {value}")
     for opt, value in (("--atol", atol), ("--rtol", rtol)):
@@ -71,11 +74,7 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
     if not artifact.is_dir():
         raise UserError(f"artifact directory {artifact} does not exist; create it with `mamba-deploy export`")
     manifest = read_manifest(artifact)
-    names = [b.strip() for b in backends.split(",") if b.strip()]
-    if not names:
-        raise UserError("--backends is empty; name at least one backend, e.g. onnxruntime")
-    for name in names:
-        check_backend_name(name)
+    names = backends
     dtype = manifest["dtype"]
     if dtype not in DEFAULT_TOLERANCES and (atol is None or rtol is None):
         raise UserError(f"no default tolerance for an artifact of dtype '{dtype}'; pass --atol and --rtol")
@@ -85,8 +84,9 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
 
     source = model_ref or manifest["source"]["checkpoint"]
     options = {"device": device} if device else {}
+    options["threads"] = threads
     sessions = {name: open_session(artifact, name, **options) for name in names}
-    reference = open_session(load_model(source, dtype=torch.float32), "torch")
+    reference = open_session(load_model(source, dtype=torch.float32, allow_nonfinite=allow_nonfinite), "torch")
     first = next(iter(sessions.values()))
     if (reference.vocab_size, reference.padded_vocab_size) != (first.vocab_size, first.padded_vocab_size):
         raise UserError(f"reference checkpoint {source} has a vocabulary of {reference.vocab_size} "
@@ -117,6 +117,11 @@ def command(artifact, model_ref, backends, steps, prompt_len, batch, seed, atol,
         click.echo(f"one step with Polygraphy (ONNX Runtime vs the saved reference outputs):\n  {cmd}")
     if not result.passed:
         failed = [n for n, b in report["backends"].items() if not b["passed"]]
+        nonfinite = [f"{n} produced NaN/Inf (first at {first})" for n, b in report["backends"].items()
+                     for first in [next((v["first_nonfinite_step"] for v in b["outputs"].values()
+                                         if v.get("first_nonfinite_step")), None)] if first]
+        if nonfinite:
+            raise CheckFailed("; ".join(nonfinite) + f"; see {json_path}")
         raise CheckFailed(f"{', '.join(failed)} exceeded the tolerance (atol={atol:g}, rtol={rtol:g}) vs the "
                           f"PyTorch reference; see {json_path}")
     click.echo(f"PASSED: {', '.join(names)} match the PyTorch reference within atol={atol:g}, rtol={rtol:g}")

@@ -5,23 +5,23 @@ import time
 
 import click
 
-from .options import model_option
+from .options import allow_nonfinite_option, dtype_option, model_option
 
 
 @click.command(name="export")
 @model_option
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Artifact directory to write [default: export/<model-name>].")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
-              help="Precision of weights and activations (the SSM state and logits stay fp32) "
+@dtype_option(help="Precision of weights and activations (the SSM state and logits stay fp32) "
                    "[default: as stored].")
 @click.option("--opset", type=int, default=None, metavar="N",
               help="Default-domain ONNX opset (18 or newer that the artifact's IR version allows) [default: 18].")
 @click.option("--all-logits", is_flag=True,
               help="prefill.onnx returns the logits of every position [batch, seq, vocab] instead of the last one.")
-@click.option("--force", is_flag=True, help="Replace --out if it exists (the old artifact stays until the new one "
-                                            "is complete).")
-def command(model_ref, out_dir, dtype, opset, all_logits, force):
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is an artifact mamba-deploy wrote (the "
+                                            "old one stays until the new one is complete).")
+@allow_nonfinite_option
+def command(model_ref, out_dir, dtype, opset, all_logits, force, allow_nonfinite):
     """Export a Mamba-1 checkpoint to an ONNX artifact that ONNX Runtime and TensorRT run.
 
     \b
@@ -46,7 +46,7 @@ def command(model_ref, out_dir, dtype, opset, all_logits, force):
         click.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
 
     out = export(model_ref, out_dir, dtype=dtype, opset=opset or contract.DEFAULT_OPSET, all_logits=all_logits,
-                 force=force, progress=progress)
+                 force=force, progress=progress, allow_nonfinite=allow_nonfinite)
     from ..artifact import read_manifest
     m = read_manifest(out)
     size = sum(f["bytes"] for f in m["files"].values())

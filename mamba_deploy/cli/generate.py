@@ -6,6 +6,8 @@ import sys
 import click
 
 from ..errors import UserError
+from .options import (allow_nonfinite_option, artifact_option, backend_option, decode_len_option, device_option,
+                      model_option, single_backend, threads_option)
 
 
 def parse_ids(text: str, what: str = "--prompt-ids") -> list[int]:
@@ -23,9 +25,14 @@ def parse_ids(text: str, what: str = "--prompt-ids") -> list[int]:
 
 
 def load_tokenizer(path):
-    """A ``tokenizers`` tokenizer.json (no download)."""
+    """A ``tokenizers`` tokenizer.json, or a directory holding one (no download)."""
     from pathlib import Path
     p = Path(path)
+    if p.is_dir():
+        if not (p / "tokenizer.json").is_file():
+            raise UserError(f"--tokenizer {p} is a directory without a tokenizer.json; pass the file or the "
+                            "directory that holds it")
+        p = p / "tokenizer.json"
     if not p.is_file():
         raise UserError(f"tokenizer file {p} does not exist; pass --tokenizer PATH/tokenizer.json (the file that "
                         "ships with the model, e.g. EleutherAI/gpt-neox-20b's for Mamba)")
@@ -39,21 +46,50 @@ def load_tokenizer(path):
         raise UserError(f"{p} is not a valid tokenizer.json ({str(e).splitlines()[0][:200]})") from None
 
 
+def find_tokenizer(artifact, model_ref):
+    """tokenizer.json beside the weights (a local checkpoint directory) or in the artifact, if there is one."""
+    from pathlib import Path
+    for where in (artifact, model_ref):
+        if where is not None and (Path(where) / "tokenizer.json").is_file():
+            return Path(where) / "tokenizer.json"
+    return None
+
+
+def warn_small_tokenizer(tok, vocab: int) -> None:
+    """A tokenizer with fewer tokens than the model's vocabulary cannot decode every id the model may produce."""
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n < vocab:
+        click.echo(f"warning: the tokenizer has {n} tokens but the model's vocabulary {vocab}: ids {n}…{vocab - 1} "
+                   "cannot be decoded (is it the model's own tokenizer?)", err=True)
+
+
+def check_id_range(prompts: list[list[int]], stops: list[int], vocab: int, what: str) -> None:
+    """Every prompt id and stop id must be a token of the model's vocabulary [0, vocab); checked before anything
+    is printed or computed."""
+    for i, p in enumerate(prompts):
+        bad = [t for t in p if not 0 <= t < vocab]
+        if bad:
+            where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+            raise UserError(f"{what}: {where} has token id {bad[0]} outside the model's vocabulary [0, {vocab})")
+    bad = [t for t in stops if not 0 <= t < vocab]
+    if bad:
+        raise UserError(f"--stop-ids: token id {bad[0]} is outside the model's vocabulary [0, {vocab})")
+
+
 @click.command(name="generate")
-@click.option("--artifact", type=click.Path(), default=None, metavar="DIR",
-              help="An exported artifact directory (manifest.json, step.onnx, prefill.onnx).")
-@click.option("--model", "model_ref", default=None, metavar="REF",
-              help="A checkpoint (local directory or hub id) instead of an artifact (for the torch backends).")
-@click.option("--backend", default="torch", show_default=True, metavar="NAME",
-              help="torch, onnxruntime, or another registered backend. With --artifact and torch, the PyTorch "
-                   "model is the artifact's source checkpoint.")
+@artifact_option(required=False)
+@model_option(required=False, help="A checkpoint (local directory or hub id) instead of an artifact (for the torch "
+                                   "backends).")
+@backend_option(default="torch", help="One backend: torch, onnxruntime, torch-fast (CUDA), tensorrt. With "
+                                      "--artifact and torch, the PyTorch model is the artifact's source checkpoint.")
 @click.option("--prompt-ids", "prompt_ids", multiple=True, metavar="1,2,3",
               help="A prompt as comma-separated token ids; repeat for several prompts (one batch).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
               help="A text prompt (needs --tokenizer); repeat for several prompts (one batch).")
-@click.option("--tokenizer", type=click.Path(), default=None, metavar="FILE",
-              help="tokenizer.json (HF tokenizers format) to encode --prompt and decode the output.")
-@click.option("--max-new-tokens", "-n", type=int, default=32, show_default=True)
+@click.option("--tokenizer", type=click.Path(), default=None, metavar="FILE|DIR",
+              help="tokenizer.json (HF tokenizers format), or a directory holding one, to encode --prompt and decode "
+                   "the output [default for --prompt: the tokenizer.json beside the weights or in the artifact].")
+@decode_len_option(default=32, help="Tokens to generate per prompt (fewer when a stop id comes).")
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy (argmax).")
 @click.option("--top-k", type=int, default=0, show_default=True, help="Sample among the k most likely (0 = off).")
 @click.option("--top-p", type=float, default=1.0, show_default=True,
@@ -62,15 +98,16 @@ def load_tokenizer(path):
               help="Seed of each sequence's random generator (same seed, same tokens).")
 @click.option("--stop-ids", "stop_ids", default=None, metavar="ID[,ID…]",
               help="Token ids that end a sequence (e.g. the EOS id 0 of GPT-NeoX's tokenizer).")
-@click.option("--device", default=None,
-              help="Device of the backend: cpu or cuda[:N] (default: the backend's; cpu for torch and onnxruntime).")
+@device_option
 @click.option("--state-in", "state_in", type=click.Path(), default=None, metavar="FILE",
               help="Resume from a state file (--state-out of an earlier run, any backend of the same artifact); "
                    "the prompt, if given, continues it.")
 @click.option("--state-out", "state_out", type=click.Path(), default=None, metavar="FILE",
               help="Save the state after the prompt and every generated token (safetensors, one prompt only).")
-def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_new_tokens, temperature, top_k,
-            top_p, seed, stop_ids, device, state_in, state_out):
+@allow_nonfinite_option
+@threads_option
+def command(artifact, model_ref, backends, prompt_ids, prompts, tokenizer, max_new_tokens, temperature, top_k,
+            top_p, seed, stop_ids, device, state_in, state_out, allow_nonfinite, threads):
     """Continue one or more prompts, printing tokens as they are generated.
 
     \b
@@ -87,9 +124,9 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
     from pathlib import Path
 
     from ..generation import SamplingParams, TextStream, generate
-    from ..runtime.session import check_backend_name, open_session
+    from ..runtime.session import open_session
 
-    check_backend_name(backend)
+    backend = single_backend(backends, "torch")
     if (artifact is None) == (model_ref is None):
         raise UserError("give exactly one of --artifact DIR or --model REF")
     if artifact is not None and not Path(artifact).is_dir():
@@ -99,7 +136,10 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
     if not prompt_ids and not prompts and state_in is None:
         raise UserError("give a prompt: --prompt-ids 1,2,3 or --prompt TEXT --tokenizer tokenizer.json")
     if prompts and tokenizer is None:
-        raise UserError("--prompt TEXT needs --tokenizer tokenizer.json (or give token ids with --prompt-ids)")
+        tokenizer = find_tokenizer(artifact, model_ref)
+        if tokenizer is None:
+            raise UserError("--prompt TEXT needs a tokenizer: --tokenizer tokenizer.json (or its directory), a "
+                            "tokenizer.json beside the weights, or token ids with --prompt-ids")
     params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
     stops = parse_ids(stop_ids, "--stop-ids") if stop_ids else []
     tok = load_tokenizer(tokenizer) if tokenizer else None
@@ -116,19 +156,30 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
         raise UserError(f"--state-out {state_out}: directory {Path(state_out).parent} does not exist")
 
     options = {"device": device} if device else {}
+    if backend == "onnxruntime":
+        options["threads"] = threads
+    if allow_nonfinite:
+        options["allow_nonfinite"] = True
     session = open_session(artifact if artifact is not None else model_ref, backend, **options)
     start = session.load_state(state_in) if state_in else None
 
+    vocab = session.vocab_size
+    if tok is not None:
+        warn_small_tokenizer(tok, vocab)
+    check_id_range(ids, stops, vocab, "--prompt" if prompts else "--prompt-ids")
     batch = len(ids)
     streams = [TextStream(tok, p) for p in ids] if tok else None
 
     def piece(i: int, token: int) -> str:
         return streams[i].push(token) if streams else f" {token}"
 
-    if batch == 1:   # inline: the prompt, then each token as it comes
-        click.echo(prompts[0] if prompts else ",".join(map(str, ids[0])) + " |", nl=False)
+    if batch == 1:   # inline: the prompt (once the first token came: an error before prints nothing), then tokens
+        echoed = []
 
         def on_token(i, token):
+            if not echoed:
+                echoed.append(True)
+                click.echo(prompts[0] if prompts else ",".join(map(str, ids[0])) + " |", nl=False)
             text = piece(i, token)
             if text:
                 click.echo(text, nl=False)
@@ -146,6 +197,8 @@ def command(artifact, model_ref, backend, prompt_ids, prompts, tokenizer, max_ne
         session.save_state(result.state, state_out, n_tokens, result.logits)
         click.echo(f"state after {n_tokens} tokens saved to {state_out}", err=True)
     if batch == 1:
+        if not echoed:  # --max-new-tokens 0
+            click.echo(prompts[0] if prompts else ",".join(map(str, ids[0])) + " |", nl=False)
         if streams:
             tail = streams[0].flush()
             if tail:

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .options import model_option
+from .options import allow_nonfinite_option, model_option
 
 
 def describe(info) -> dict:
@@ -41,14 +41,28 @@ def _human(n: float) -> str:
 @click.command(name="info")
 @model_option
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
-def command(model_ref, as_json):
+@allow_nonfinite_option
+def command(model_ref, as_json, allow_nonfinite):
     """Show a checkpoint's format, config, parameter count, weight bytes per precision and the recurrent state
-    bytes per sequence. Reads the config and the weight file headers (names and shapes), not the weights."""
-    from ..checkpoint import inspect, verify_weights
+    bytes per sequence, the stored dtype, and any weight holding NaN or Inf (an error unless --allow-nonfinite;
+    the weights are read once, memory-mapped).
+
+    \b
+    Examples:
+      mamba-deploy info --model ckpt/tiny
+      mamba-deploy info --model state-spaces/mamba-370m --json
+    """
+    from ..checkpoint import inspect, scan_weights, verify_weights
+    from ..finite import nonfinite_error
 
     info = inspect(model_ref)
     verify_weights(info)
+    stored, nonfinite = scan_weights(info)
+    if nonfinite and not allow_nonfinite:
+        raise nonfinite_error(f"checkpoint {info.path}", nonfinite)
     d = describe(info)
+    d["stored_dtype"] = stored
+    d["nonfinite"] = [{"name": b.name, "nan": b.nan, "inf": b.inf, "first": list(b.first)} for b in nonfinite]
     if as_json:
         click.echo(json.dumps(d, indent=2))
         return
@@ -59,6 +73,9 @@ def command(model_ref, as_json):
                f"d_state={c['d_state']} d_conv={c['d_conv']} dt_rank={c['dt_rank_value']}")
     click.echo(f"vocab        {c['vocab_size']} (padded to {c['padded_vocab_size']})")
     click.echo(f"parameters   {d['parameters']:,}")
+    click.echo(f"stored as    {', '.join(d['stored_dtype'])}")
+    click.echo("non-finite   " + ("; ".join(str(b) for b in nonfinite) if nonfinite
+                                 else "none (every weight is finite)"))
     click.echo("weights      " + ", ".join(f"{p} {_human(b)}" for p, b in d["weight_bytes"].items()))
     click.echo("state/seq    " + ", ".join(f"{p} {_human(b)}" for p, b in d["state_bytes_per_sequence"].items())
                + "  (conv state in the activation dtype, SSM state always fp32)")

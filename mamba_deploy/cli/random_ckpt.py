@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..config import SIZES
+from .options import dtype_option
 
 
 @click.command(name="random")
@@ -12,12 +13,18 @@ from ..config import SIZES
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--format", "fmt", type=click.Choice(["state-spaces", "hf"]), default="state-spaces",
               show_default=True, help="Checkpoint format.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@dtype_option(default="fp32", help="Precision of the weights written.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is a checkpoint mamba-deploy wrote.")
 def command(size, out_dir, fmt, dtype, seed, force):
     """Write a checkpoint of a named size with random weights, for trying the tool and for benchmarks
-    without the hub. The weights follow upstream's initialisation (realistic δ and A ranges)."""
+    without the hub. The weights follow upstream's initialisation (realistic δ and A ranges).
+
+    \b
+    Examples:
+      mamba-deploy random --size tiny --out ckpt/tiny
+      mamba-deploy random --size 370m --format hf --dtype fp16 --out ckpt/370m-hf
+    """
     from ..artifact import parse_dtype
     from ..checkpoint import save_model
     from ..config import config_for_size

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from .options import device_option, threads_option
+
 
 def _presets_help() -> str:
     from ..training.config import preset_names
@@ -17,8 +19,7 @@ def _presets_help() -> str:
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default=None,
               help="Run directory for checkpoints, metrics, curves  [default: runs/<config name>]")
 @click.option("--max-steps", type=int, default=None, help="Override train.max_steps.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="Override train.device (auto: cuda when available).")
+@device_option(help="Override train.device: cpu or cuda [default: the config's; auto = cuda when available].")
 @click.option("--batch-size", type=int, default=None, help="Override train.batch_size (per process).")
 @click.option("--lr", type=float, default=None, help="Override optimizer.lr.")
 @click.option("--seq-len", type=int, default=None, help="Override data.seq_len.")
@@ -37,8 +38,9 @@ def _presets_help() -> str:
 @click.option("--list-presets", is_flag=True, is_eager=True, expose_value=False,
               callback=lambda ctx, _, v: (click.echo(_presets_help()), ctx.exit()) if v else None,
               help="List the shipped presets and exit.")
+@threads_option
 def command(config_ref, out_dir, max_steps, device, batch_size, lr, seq_len, seed, data_path, scan_backend, sets,
-            resume, force, no_progress, print_config):
+            resume, force, no_progress, print_config, threads):
     """Train a Mamba-1 model: AdamW with warmup + cosine, gradient clipping, bf16 autocast on GPU (fp32 master
     weights), checkpoints in the state-spaces format (each a valid --model) and --resume, metrics.jsonl and
     curves.png, accuracy on the paper's synthetic tasks (selective copying, induction heads) through the

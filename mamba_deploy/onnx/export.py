@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import collections
 import re
+import shutil
 from pathlib import Path
 
 import onnx
@@ -274,6 +275,17 @@ def model_name(ref: str) -> str:
     return re.sub(r"[^\w.-]", "_", name)
 
 
+def copy_tokenizer(model: MambaLM, out_dir: Path) -> list[str]:
+    """Copy the checkpoint's tokenizer.json (HF tokenizers format), when it has one, into the artifact, so
+    `generate --artifact … --prompt TEXT` finds it. Returns the file names copied."""
+    info = getattr(model, "source", None)
+    src = Path(info.path) / artifact.TOKENIZER if info is not None else None
+    if src is None or not src.is_file():
+        return []
+    shutil.copyfile(src, Path(out_dir) / artifact.TOKENIZER)
+    return [artifact.TOKENIZER]
+
+
 def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_OPSET, all_logits: bool = False,
                    source: dict | None = None, progress=None) -> dict:
     """Write the artifact of ``model`` (in its own dtype) into the existing, empty directory ``out_dir``.
@@ -327,13 +339,14 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
         onnx_info={"ir_version": contract.IR_VERSION, "opset": opset, "domain": contract.DOMAIN,
                    "domain_version": contract.DOMAIN_VERSION},
         source=source or source_ref(model), exporter_version=__version__)
+    manifest["files"] += copy_tokenizer(model, out_dir)
     say("checksums")
     artifact.write_manifest(out_dir, manifest)
     return artifact.read_manifest(out_dir)
 
 
 def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, all_logits: bool = False,
-           force: bool = False, progress=None) -> Path:
+           force: bool = False, progress=None, allow_nonfinite: bool = False) -> Path:
     """Load checkpoint ``ref`` (a local dir or hub id) and write its artifact to ``out_dir`` atomically
     (default ``export/<model-name>``). Refuses an existing ``out_dir`` unless ``force``."""
     from ..artifact import is_our_artifact, parse_dtype
@@ -344,10 +357,16 @@ def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, a
     out = Path(out_dir) if out_dir is not None else Path("export") / model_name(str(ref))
     say = progress or (lambda msg: None)
     say(f"loading {ref}")
-    model = load_model(ref, dtype=parse_dtype(dtype) if dtype else None, scan_backend="reference")
+    model = load_model(ref, dtype=parse_dtype(dtype) if dtype else None, scan_backend="reference",
+                       allow_nonfinite=allow_nonfinite)
+    for bad in model.nonfinite:
+        say(f"warning: non-finite weights exported as they are: {bad}")
     target = atomic_directory(out, force=force, is_ours=is_our_artifact, what="artifact", option="--out",
                               inputs=[model.source.path])
     target.check()  # before the long work
+    if model.dtype == torch.bfloat16:
+        say("warning: a bf16 artifact runs on TensorRT or ONNX Runtime's CUDA provider; ONNX Runtime on CPU has no "
+            "bf16 kernels and cannot run it (--dtype fp16 or fp32 for CPU)")
     source = source_ref(model, ref)
     with target as tmp:
         write_artifact(model, tmp, opset=opset, all_logits=all_logits, source=source, progress=progress)

@@ -593,7 +593,8 @@ class FastSession(TorchSession):
 
 
 def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_batch_max: int = 16,
-                      tune: bool = True, decode_path: str = "auto", **_) -> FastSession:
+                      tune: bool = True, decode_path: str = "auto", allow_nonfinite: bool = False,
+                      **_) -> FastSession:
     """``source``: a MambaLM, a checkpoint ref, or an artifact (its manifest names the source checkpoint).
     Default dtype fp16 (the decode kernels are written for half-precision weights; fp32/bf16 work too)."""
     if isinstance(source, MambaLM):
@@ -605,5 +606,6 @@ def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_b
         source = read_manifest(source)["source"]["checkpoint"]
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("backend torch-fast needs a CUDA GPU and none is visible; use --backend torch")
-    return FastSession(load_model(source, dtype=dtype or torch.float16, device=device), use_graph=use_graph,
+    return FastSession(load_model(source, dtype=dtype or torch.float16, device=device,
+                                  allow_nonfinite=allow_nonfinite), use_graph=use_graph,
                        small_batch_max=small_batch_max, tune=tune, decode_path=decode_path)

@@ -34,13 +34,20 @@ class OrtSession(Session):
     backend = "onnxruntime"
 
     def __init__(self, artifact_dir, device="cpu", verify: bool = True, use_tf32: bool = False,
-                 threads: int | None = None, cuda_options: dict | None = None):
+                 threads: int | None = None, cuda_options: dict | None = None, prefill_chunk: int = 2048):
+        """``prefill_chunk``: prompts run through prefill.onnx in pieces of at most this many tokens (the graph
+        takes the state the previous piece left), so memory is bounded by the chunk, not the prompt."""
         import onnxruntime as ort
 
-        from ..artifact import ArtifactDims, graph_spec, read_manifest
+        from ..artifact import ArtifactDims, check_against_graphs, graph_spec, read_manifest
 
+        if prefill_chunk < 1:
+            raise UserError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.artifact_dir = Path(artifact_dir)
         self.manifest = m = read_manifest(self.artifact_dir, verify=verify)
+        if verify:  # verify=False trusts the files: no checksums, no cross-check
+            check_against_graphs(self.artifact_dir, m)
         self.set_dims(ArtifactDims.of(m))
         self.specs = {g: graph_spec(m, g) for g in ("step", "prefill")}
         self.all_logits = bool(self.specs["prefill"].get("all_logits", False))
@@ -134,19 +141,19 @@ class OrtSession(Session):
         """ids [b, T] (T ≥ 1) → (logits [b, V] of the last position, or [b, T, V] with ``all_logits`` when the
         artifact was exported with --all-logits; state after T tokens)."""
         ids = self.check_ids(input_ids, 2)
-        if ids.shape[1] < 1:
-            raise UserError("prefill needs at least one token per sequence")
         if all_logits and not self.all_logits:
             raise UserError(f"{self.artifact_dir} returns the last position's logits only; export it with "
                             "--all-logits for every position")
         if state is None:
             state = self.new_state(ids.shape[0])
         self.check_state(state, ids.shape[0])
-        outs = self._run("prefill", ids, state)
-        logits = outs["logits"]
-        if self.all_logits and not all_logits:
-            logits = logits[:, -1]
-        return logits, self._state_out(outs)
+        pieces = []
+        for t0 in range(0, ids.shape[1], self.prefill_chunk):
+            outs = self._run("prefill", ids[:, t0:t0 + self.prefill_chunk], state)
+            state = self._state_out(outs)
+            pieces.append(outs["logits"] if all_logits else outs["logits"][:, -1] if self.all_logits
+                          else outs["logits"])
+        return (torch.cat(pieces, 1) if all_logits else pieces[-1]), state
 
     @torch.inference_mode()
     def step(self, input_ids, state: MambaState):
@@ -157,7 +164,7 @@ class OrtSession(Session):
 
 
 def open_ort_session(source, device="cpu", verify: bool = True, use_tf32: bool = False, threads=None,
-                     cuda_options=None, **_) -> OrtSession:
+                     cuda_options=None, prefill_chunk: int = 2048, **_) -> OrtSession:
     """``source``: an artifact directory (from ``mamba-deploy export``)."""
     if not isinstance(source, (str, Path)):
         raise UserError(f"the onnxruntime backend runs an exported artifact directory, not a "
@@ -166,4 +173,4 @@ def open_ort_session(source, device="cpu", verify: bool = True, use_tf32: bool =
         raise UserError(f"the onnxruntime backend runs an exported artifact, and {source} is not one (no "
                         f"{MANIFEST}); export it first with `mamba-deploy export --model {source}`")
     return OrtSession(source, device=device, verify=verify, use_tf32=use_tf32, threads=threads,
-                      cuda_options=cuda_options)
+                      cuda_options=cuda_options, prefill_chunk=prefill_chunk)

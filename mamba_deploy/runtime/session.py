@@ -56,6 +56,8 @@ class Session(abc.ABC):
         ...
 
     def new_state(self, batch: int) -> MambaState:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise UserError(f"new_state(batch) needs a positive number of sequences, got {batch!r}")
         return MambaState(
             [torch.zeros(batch, *self.conv_shape, dtype=self.state_dtype, device=self.device)
              for _ in range(self.n_layer)],
@@ -75,12 +77,24 @@ class Session(abc.ABC):
 
     # -- input validation shared by all backends ---------------------------------------------------------------
     def check_ids(self, input_ids: torch.Tensor, ndim: int) -> torch.Tensor:
+        """``ndim`` 1: one token per sequence (step); 2: [batch, seq] with seq ≥ 1 (prefill). Each message names
+        only what is wrong."""
         if not isinstance(input_ids, torch.Tensor):
-            input_ids = torch.as_tensor(input_ids)
-        if input_ids.dim() != ndim or input_ids.dtype not in (torch.int64, torch.int32):
-            want = "[batch]" if ndim == 1 else "[batch, seq]"
-            raise UserError(f"input_ids must be an integer tensor of shape {want}, got {input_ids.dtype} "
-                            f"{tuple(input_ids.shape)}")
+            try:
+                input_ids = torch.as_tensor(input_ids)
+            except (TypeError, ValueError, RuntimeError):
+                raise UserError(f"input_ids must be a tensor of token ids, got {type(input_ids).__name__}") from None
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise UserError(f"input_ids must hold integer token ids (int64 or int32), got "
+                            f"{_dtype(input_ids.dtype)}")
+        if input_ids.dim() != ndim:
+            want = "[batch] (one token per sequence)" if ndim == 1 else "[batch, seq]"
+            raise UserError(f"input_ids must have shape {want}, got shape {tuple(input_ids.shape)}")
+        if input_ids.shape[0] < 1:
+            raise UserError("input_ids holds no sequence (batch 0)")
+        if ndim == 2 and input_ids.shape[1] < 1:
+            raise UserError(f"prefill needs at least one token per sequence; input_ids has shape "
+                            f"{tuple(input_ids.shape)} (an empty prompt)")
         if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.padded_vocab_size):
             raise UserError(f"token ids must lie in [0, {self.padded_vocab_size}); got {int(input_ids.min())}…"
                             f"{int(input_ids.max())}")
@@ -92,6 +106,10 @@ class Session(abc.ABC):
         if len(state.conv) != self.n_layer or len(state.ssm) != self.n_layer:
             raise UserError(f"state has {len(state.conv)} conv / {len(state.ssm)} ssm layers; this model has "
                             f"{self.n_layer}")
+        rows = {t.shape[0] for t in (*state.conv, *state.ssm) if t.dim() > 0}
+        if len(rows) == 1 and rows != {batch}:
+            raise UserError(f"input_ids has batch {batch} but the state holds {rows.pop()} sequences: give one "
+                            f"state row per sequence (session.new_state({batch}))")
         want_conv = (batch, *self.conv_shape)
         want_ssm = (batch, *self.ssm_shape)
         for i, (c, s) in enumerate(zip(state.conv, state.ssm)):
@@ -100,9 +118,14 @@ class Session(abc.ABC):
             if tuple(s.shape) != want_ssm:
                 raise UserError(f"ssm_state.{i} has shape {tuple(s.shape)}; expected {want_ssm} [batch, …]")
             if s.dtype != torch.float32:
-                raise UserError(f"ssm_state.{i} must be float32 (the SSM state is always fp32), got {s.dtype}")
+                raise UserError(f"ssm_state.{i} is {_dtype(s.dtype)}; the SSM state is always float32")
             if c.dtype != self.state_dtype:
-                raise UserError(f"conv_state.{i} must be {self.state_dtype}, got {c.dtype}")
+                raise UserError(f"conv_state.{i} is {_dtype(c.dtype)}; this model's conv state is "
+                                f"{_dtype(self.state_dtype)}")
+
+
+def _dtype(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 # what to install for a backend whose package is missing
@@ -123,6 +146,9 @@ def open_session(source, backend: str = "torch", **options) -> Session:
     """Open ``source`` (an artifact directory, a checkpoint ref, or a MambaLM) on ``backend``. Unknown backends and
     missing packages are one-line errors that say what to install."""
     check_backend_name(backend)
+    if options.get("device") is not None:
+        from ..devices import check_device
+        check_device(options["device"], option="device")
     module, factory = BACKENDS[backend].split(":")
     try:
         session = getattr(importlib.import_module(module), factory)(source, **options)

@@ -62,7 +62,8 @@ class TensorRTSession(Session):
     backend = "tensorrt"
 
     def __init__(self, artifact, device="cuda", cuda_graph: bool = False, verbose: bool = False):
-        from ..artifact import ENGINE_FILES, ArtifactDims, graph_spec, read_build_report, read_manifest
+        from ..artifact import (ENGINE_FILES, ArtifactDims, check_against_graphs, graph_spec, read_build_report,
+                                read_manifest)
         from ..trt import compat
 
         if not torch.cuda.is_available():
@@ -70,6 +71,7 @@ class TensorRTSession(Session):
                             "machine")
         self.artifact = Path(artifact)
         manifest = read_manifest(self.artifact)
+        check_against_graphs(self.artifact, manifest)
         report = read_build_report(self.artifact)
         trt = compat.tensorrt()
         if report["plugin"]:

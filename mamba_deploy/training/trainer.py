@@ -17,11 +17,12 @@ rank), and only rank 0 logs, evaluates and writes files.
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import random
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from ..checkpoint import load_model, save_model
+from ..devices import check_device
 from ..errors import UserError
 from ..io import atomic_write, json_text, write_json
 from ..model import MambaLM, random_model
@@ -102,8 +104,7 @@ class Dist:
 
 def resolve_device(requested: str, dist: Dist) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise UserError("--device cuda was asked for but no CUDA device is visible; use --device cpu")
+        check_device("cuda")
         if dist.enabled:
             torch.cuda.set_device(dist.local_rank)
             return torch.device("cuda", dist.local_rank)
@@ -157,6 +158,42 @@ def list_checkpoints(out: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob("step-*") if (p / "trainer_state.pt").is_file())
+
+
+class _InterruptFlag:
+    """While installed (main thread only), the first Ctrl-C (SIGINT) only sets a flag that the loop checks after
+    each whole step, so the run can write a checkpoint that --resume continues from; a second Ctrl-C interrupts
+    at once as usual."""
+
+    def __init__(self, enabled: bool = True):
+        self.set = False
+        self._previous = None
+        if enabled and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+# Effective CPU training rate for the GPU-sized-config warning: induction-tiny's 0.13 s/step on 2 cores (README)
+# is ~8e9 "6 x parameters x tokens" FLOP/s; small models keep CPUs far from their peak.
+CPU_FLOPS = 10e9
+
+
+def cpu_hours_estimate(n_params: int, tokens_per_step: int, steps: int, max_minutes: float | None) -> float:
+    """Hours a run would take on a CPU at ``CPU_FLOPS`` (6 FLOPs per parameter per token, forward + backward),
+    capped by the run's own time limit."""
+    seconds = 6.0 * n_params * tokens_per_step * steps / CPU_FLOPS
+    if max_minutes:
+        seconds = min(seconds, 60 * max_minutes)
+    return seconds / 3600
 
 
 # ---- the trainer ---------------------------------------------------------------------------------------------------
@@ -248,6 +285,13 @@ class Trainer:
                 shutil.rmtree(old, ignore_errors=True)
         return path
 
+    def on_interrupt(self, started: float):
+        """Ctrl-C between steps: write a checkpoint of the step just completed, then stop (KeyboardInterrupt)."""
+        self.seconds_before = time.perf_counter() - started
+        path = self.save_checkpoint()
+        self.log(f"interrupted at step {self.step}: wrote {path}; continue with --resume")
+        raise KeyboardInterrupt
+
     def _load_latest(self):
         ckpts = list_checkpoints(self.out)
         if not ckpts:  # other ranks: the main rank already checked the directory
@@ -315,8 +359,14 @@ class Trainer:
         self._record({"kind": "info", "step": self.step, "name": cfg.name, "parameters": n_params,
                       "device": str(self.device), "precision": self.precision, "scan_backend": self.scan_backend,
                       "world_size": self.dist.world, "tokens_per_step": tokens_per_step})
+        hours = cpu_hours_estimate(n_params, tokens_per_step, t.max_steps - self.step, t.max_minutes)
+        if self.device.type == "cpu" and hours > 0.5:
+            self.log(f"warning: {cfg.name} is GPU-sized: about {hours:.1f} h on a CPU ({t.max_steps - self.step} "
+                     f"steps x {tokens_per_step:,} tokens x {n_params:,} parameters); use a -tiny preset, "
+                     "--max-steps or a GPU")
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not self.progress, dynamic_ncols=True,
                    desc=cfg.name, unit="step")
+        self.interrupt = _InterruptFlag(enabled=not self.dist.enabled)   # data parallel: Ctrl-C as before
         started = time.perf_counter() - self.seconds_before  # wall time of the whole run, across resumes
         window_t0, window_steps = time.perf_counter(), 0
         loss_acc = torch.zeros((), device=self.device)
@@ -393,7 +443,10 @@ class Trainer:
             if stop:
                 self.log(f"stopping at step {self.step}: {stop_reason}")
                 break
+            if self.interrupt.set:
+                self.on_interrupt(started)
         bar.close()
+        self.interrupt.restore()
         train_seconds = time.perf_counter() - started
         self.seconds_before = train_seconds
 
@@ -432,4 +485,6 @@ def train(cfg: TrainConfig, out: Path, resume: bool = False, force: bool = False
     try:
         return trainer.train()
     finally:
+        if hasattr(trainer, "interrupt"):
+            trainer.interrupt.restore()
         trainer.dist.close()

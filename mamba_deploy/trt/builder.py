@@ -16,7 +16,8 @@ import json
 import time
 from pathlib import Path
 
-from ..artifact import BATCH_ALIASES, BUILD_REPORT, ENGINE_FILES, SEQ_ALIASES, graph_spec, read_manifest
+from ..artifact import (BATCH_ALIASES, BUILD_REPORT, ENGINE_FILES, SEQ_ALIASES, check_against_graphs, graph_spec,
+                        read_manifest)
 from ..errors import UserError
 from ..io import atomic_write, write_json
 from ..onnx import contract
@@ -140,7 +141,8 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
     from . import compat
 
     artifact = Path(artifact)
-    manifest = read_manifest(artifact)
+    manifest = read_manifest(artifact, verify=True)   # checksums, as the runtimes check them
+    check_against_graphs(artifact, manifest)
     if max_batch < 1 or max_prefill_len < 1:
         raise UserError("--max-batch and --max-prefill-len must be >= 1")
     opt_batch = min(opt_batch or max(1, max_batch // 2), max_batch)
