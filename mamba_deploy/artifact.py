@@ -371,5 +371,5 @@ def check_against_graphs(artifact_dir, manifest: dict) -> None:
         raise UserError(f"{artifact_dir}: manifest.json's config is not valid ({e}); export it again") from None
     for key, value in want.items():
         if key in dims and dims[key] != value:
-            raise UserError(f"{artifact_dir}: manifest.json's config gives {key} = {value}, its dims and graphs "
-                            f"{dims[key]}: the manifest was edited or belongs to another export; export it again")
+            raise UserError(f"{artifact_dir}: manifest.json dims.{key} is {dims[key]} but its config gives {value}: "
+                            "the manifest was edited or belongs to another export; export it again")

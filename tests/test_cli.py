@@ -92,7 +92,8 @@ def device_commands() -> list[str]:
 
 DEVICE_ARGS = {"generate": ["--model", "{ckpt}", "--prompt-ids", "1,2"],
                "check": ["--artifact", "{ckpt}"],
-               "bench": ["--model", "{ckpt}", "--backend", "torch"]}
+               "bench": ["--model", "{ckpt}", "--backend", "torch"],
+               "serve": ["--model", "{ckpt}"]}
 
 
 @pytest.mark.parametrize("device, words", [("gpu", "is not a device name"), ("GPU0", "is not a device name"),

@@ -64,7 +64,7 @@ def test_readme_install_then_test_command_work_in_sequence():
     run_at = next(i for i, c in enumerate(steps) if "pytest" in c)
     assert "test" in extras_installed(steps[:run_at]), "README's test command runs before `.[test]` is installed"
     pyproject = (ROOT / "pyproject.toml").read_text()
-    test_extra = re.search(r"^test = \[(.*?)\]", pyproject, flags=re.M).group(1)
+    test_extra = re.search(r"^test = \[(.*?)\]\n", pyproject, flags=re.M | re.S).group(1)
     assert '"pytest' in test_extra
 
 

@@ -4,18 +4,16 @@ from __future__ import annotations
 import click
 
 from ..errors import UserError
+from .options import artifact_option, backend_option, device_option, model_option, single_backend
 
 
 @click.command(name="serve")
-@click.option("--artifact", type=click.Path(), default=None, metavar="DIR",
-              help="An exported artifact directory (manifest.json, step.onnx, prefill.onnx).")
-@click.option("--model", "model_ref", default=None, metavar="REF",
-              help="A checkpoint instead of an artifact (torch backends).")
-@click.option("--backend", default="torch", show_default=True, metavar="NAME",
-              help="torch, onnxruntime, torch-fast (CUDA) or tensorrt.")
-@click.option("--device", default=None, help="Device of the backend (cpu, cuda[:N]); default: the backend's.")
+@artifact_option(required=False)
+@model_option(required=False, help="A checkpoint instead of an artifact (torch backends).")
+@backend_option(default="torch", help="One backend: torch, onnxruntime, torch-fast (CUDA) or tensorrt.")
+@device_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="State slots: sequences decoded together; more requests wait in a queue.")
 @click.option("--block", type=int, default=256, show_default=True,
@@ -26,10 +24,11 @@ from ..errors import UserError
 @click.option("--tokenizer", type=click.Path(), default=None, metavar="FILE",
               help="tokenizer.json for text prompts (without it, prompts are token-id lists).")
 @click.option("--served-model-name", default=None, help="The model id clients send (default: the directory name).")
-@click.option("--max-prompt-tokens", type=int, default=1 << 20, show_default=True)
+@click.option("--max-prompt-tokens", type=int, default=1 << 20, show_default=True,
+              help="Longest prompt a request may send, in tokens.")
 @click.option("--max-tokens-limit", type=int, default=1 << 16, show_default=True,
               help="Largest max_tokens a request may ask for.")
-def command(artifact, model_ref, backend, device, host, port, max_batch, block, prefix_cache_mb, tokenizer,
+def command(artifact, model_ref, backends, device, host, port, max_batch, block, prefix_cache_mb, tokenizer,
             served_model_name, max_prompt_tokens, max_tokens_limit):
     """Serve a model over an OpenAI-compatible HTTP API.
 
@@ -47,10 +46,9 @@ def command(artifact, model_ref, backend, device, host, port, max_batch, block, 
     """
     from pathlib import Path
 
-    from ..runtime.session import check_backend_name
     from .generate import load_tokenizer
 
-    check_backend_name(backend)
+    backend = single_backend(backends, "torch")
     if (artifact is None) == (model_ref is None):
         raise UserError("give exactly one of --artifact DIR or --model REF")
     if artifact is not None and not Path(artifact).is_dir():

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import click
 
+from .options import artifact_option
+
 
 @click.command(name="triton-repo")
-@click.option("--artifact", type=click.Path(), required=True, metavar="DIR", help="An exported artifact directory.")
+@artifact_option
 @click.option("--out", type=click.Path(), required=True, metavar="REPO", help="The model repository to write.")
 @click.option("--name", default=None, help="Model name prefix (default: the artifact directory's name); the "
               "repository gets NAME_prefill and NAME_step.")
@@ -14,7 +16,7 @@ import click
               "with `build --no-plugin`).")
 @click.option("--max-batch", type=int, default=8, show_default=True,
               help="max_batch_size and the sequence batcher's candidate sequences.")
-@click.option("--force", is_flag=True, help="Replace REPO if it exists.")
+@click.option("--force", is_flag=True, help="Replace REPO if it exists and is a repository triton-repo wrote.")
 def command(artifact, out, name, platform, max_batch, force):
     """Write a Triton Inference Server model repository for an artifact.
 
