@@ -72,25 +72,24 @@ _WORKER = textwrap.dedent("""
         ref = t.run_with_grads(selective_scan_ref, t.to64(inp), delta_softplus=softplus)
         ours = t.run_with_grads(selective_scan_triton, inp, delta_softplus=softplus)
         results.append({k: t.normwise_rel(ours[k], ref[k]) for k in ref})
-    # backward variants: the first version's look-ahead adjoint, and backward chunks shorter than the forward's
-    from mamba_deploy.ops import triton_scan as ts
+    # other tiles, given as arguments: backward chunks shorter than the forward's, two channels per thread
+    from mamba_deploy.ops.triton_scan import ScanConfig
     variants = []
     for fwd, bwd in t.INTERP_VARIANTS:
-        ts.set_configs(fwd=ts.ScanConfig(*fwd), bwd=ts.ScanConfig(*bwd))
         for i, (L, N, has_d, has_z, has_bias, has_h0, softplus) in enumerate(t.INTERP_CASES):
             if N != 6:
                 continue
             inp = t.make_inputs(2, 5, L, N, has_d=has_d, has_z=has_z, has_bias=has_bias, has_h0=has_h0,
                                 act_dtype=torch.float32, device="cpu", seed=200 + i)
             ref = t.run_with_grads(selective_scan_ref, t.to64(inp), delta_softplus=softplus)
-            ours = t.run_with_grads(ts.selective_scan_triton, inp, delta_softplus=softplus)
+            ours = t.run_with_grads(selective_scan_triton, inp, delta_softplus=softplus,
+                                    config=ScanConfig(*fwd), bwd_config=ScanConfig(*bwd))
             variants.append({k: t.normwise_rel(ours[k], ref[k]) for k in ref})
-    ts.set_configs()
     print("RESULTS" + json.dumps({"default": results, "variants": variants}))
 """)
 
 # (forward ScanConfig args, backward ScanConfig args) also run under the interpreter, on the N=6 cases
-INTERP_VARIANTS = [((8, 2, 1, 1), (8, 2, 1, 1, True)), ((8, 2, 1, 1), (4, 2, 1, 1)), ((8, 2, 1, 1), (2, 2, 1, 1, True))]
+INTERP_VARIANTS = [((8, 2, 1, 1), (4, 2, 1, 1)), ((8, 2, 1, 1), (2, 2, 1, 1)), ((4, 2, 2, 1), (4, 1, 2, 1))]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +108,7 @@ def test_interpreter_matches_reference(interpreter_results, case):
     assert not bad, f"normwise relative error above {FP32_REL}: {bad}"
 
 
-def test_interpreter_backward_variants_match_reference(interpreter_results):
+def test_interpreter_other_tiles_match_reference(interpreter_results):
     res = interpreter_results["variants"]
     assert len(res) == len(INTERP_VARIANTS) * sum(c[1] == 6 for c in INTERP_CASES)
     for i, errs in enumerate(res):
@@ -117,11 +116,14 @@ def test_interpreter_backward_variants_match_reference(interpreter_results):
         assert not bad, f"variant {INTERP_VARIANTS[i // 3]} case {i % 3}: error above {FP32_REL}: {bad}"
 
 
-def test_rejects_bad_shapes():
-    from mamba_deploy.ops.triton_scan import selective_scan_triton
+def test_rejects_bad_shapes_and_tiles():
+    from mamba_deploy.ops.triton_scan import ScanConfig, selective_scan_triton
     u = torch.zeros(1, 4, 8)
     with pytest.raises(ValueError, match="B must be"):
         selective_scan_triton(u, u, torch.zeros(4, 2), torch.zeros(1, 3, 8), torch.zeros(1, 2, 8))
+    with pytest.raises(ValueError, match="does not divide"):
+        selective_scan_triton(u, u, torch.zeros(4, 2), torch.zeros(1, 2, 8), torch.zeros(1, 2, 8),
+                              config=ScanConfig(8, 2, 1, 1), bwd_config=ScanConfig(3, 2, 1, 1))
 
 
 # ------------------------------------------------------------------------------------------ GPU
@@ -192,58 +194,51 @@ def test_gpu_poisoned_outputs_are_overwritten_and_autocast_works():
         assert bf16_excess(ours[k], ref[k]) <= 1.0, k
 
 
-def _sweep_tile_pairs():
-    from mamba_deploy.ops.triton_scan import SWEEP_TILES
-    pairs = []
-    for T, (fwd, bwd) in SWEEP_TILES.items():
-        pairs += [(T, f, bwd[0]) for f in fwd] + [(T, fwd[0], b) for b in bwd[1:]]
-    return pairs
+# (forward, backward) tiles besides the default, given as arguments: the contenders of bench/bench_scan.py's sweep
+# and backward variants (backward T below the forward's, two channels per thread, register caps)
+GPU_TILES = [((8, 8, 1, 2), (8, 4, 1, 1)), ((4, 16, 1, 1), (4, 4, 2, 1)), ((4, 8, 2, 1), (4, 8, 1, 1)),
+             ((8, 8, 1, 1), (8, 4, 1, 1, 192)), ((8, 8, 1, 1), (4, 4, 1, 1)), ((8, 8, 1, 1), (4, 4, 2, 1, 168))]
 
 
 @cuda
 @pytest.mark.gpu
-@pytest.mark.parametrize("T,fwd,bwd", _sweep_tile_pairs())
-def test_gpu_every_sweep_tile_matches_reference(T, fwd, bwd):
-    """Any tile the benchmark may pick is checked too (fp32, all options, L not a multiple of T)."""
-    from mamba_deploy.ops import triton_scan as ts
-    inp = make_inputs(2, 72, 301, 16, has_d=True, has_z=True, has_bias=True, has_h0=True,
-                      act_dtype=torch.float32, device="cuda", seed=11)
-    ref = run_with_grads(selective_scan_ref, to64(inp))
-    ts.set_configs(fwd=ts.ScanConfig(T, *fwd), bwd=ts.ScanConfig(T, *bwd))
-    try:
-        ours = run_with_grads(ts.selective_scan_triton, inp)
-    finally:
-        ts.set_configs()
-    errs = {k: normwise_rel(ours[k], ref[k]) for k in ref}
-    bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
-    assert not bad, f"tile T={T} fwd={fwd} bwd={bwd}: normwise relative error above {FP32_REL}: {bad}"
-
-
-def _bwd_variant_names():
-    from mamba_deploy.ops.triton_scan import BWD_VARIANTS
-    return list(BWD_VARIANTS)
-
-
-@cuda
-@pytest.mark.gpu
-@pytest.mark.parametrize("name", _bwd_variant_names())
-def test_gpu_every_backward_variant_matches_reference(name):
-    """Every backward the benchmark times (bench_scan.py --bwd-variants), bf16 and fp32, L not a multiple of T."""
-    from mamba_deploy.ops import triton_scan as ts
-    fwd, bwd = ts.BWD_VARIANTS[name]
+@pytest.mark.parametrize("fwd,bwd", GPU_TILES, ids=[f"{f}-{b}" for f, b in GPU_TILES])
+def test_gpu_other_tiles_match_reference(fwd, bwd):
+    """Tiles other than the default (as the benchmark times them): fp32 and bf16, all options, L not a multiple
+    of T."""
+    from mamba_deploy.ops.triton_scan import ScanConfig, selective_scan_triton
     for act, L in ((torch.float32, 301), (torch.bfloat16, 299)):
         inp = make_inputs(2, 72, L, 16, has_d=True, has_z=True, has_bias=True, has_h0=True,
                           act_dtype=act, device="cuda", seed=13 + L)
         ref = run_with_grads(selective_scan_ref, to64(inp))
-        ts.set_configs(fwd=ts.ScanConfig(*fwd), bwd=ts.ScanConfig(*bwd))
-        try:
-            ours = run_with_grads(ts.selective_scan_triton, inp)
-        finally:
-            ts.set_configs()
+        ours = run_with_grads(selective_scan_triton, inp, config=ScanConfig(*fwd), bwd_config=ScanConfig(*bwd))
         if act == torch.float32:
             errs = {k: normwise_rel(ours[k], ref[k]) for k in ref}
             bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
         else:
             errs = {k: bf16_excess(ours[k], ref[k]) for k in ref}
             bad = {k: v for k, v in errs.items() if not v <= 1.0}
-        assert not bad, f"variant {name} ({act}): {bad}"
+        assert not bad, f"tiles fwd={fwd} bwd={bwd} ({act}): {bad}"
+
+
+@cuda
+@pytest.mark.gpu
+def test_gpu_forward_only_on_row_layout_views():
+    """selective_scan_triton_fwd reads transposed views of [b·L, d] rows without a copy and writes y in that
+    layout (the torch-fast prefill); equal to the autograd entry point on contiguous copies."""
+    from mamba_deploy.ops.triton_scan import selective_scan_triton, selective_scan_triton_fwd
+    b, L, d, N = 2, 333, 96, 16
+    g = torch.Generator(device="cpu").manual_seed(5)
+    rows = torch.randn(b * L, 3 * d + 2 * N, generator=g).to("cuda", torch.float16)
+
+    def t(v):
+        return v.view(b, L, -1).transpose(1, 2)
+    x, dt, z = t(rows[:, :d].contiguous()), t(rows[:, d:2 * d] * 0.5), t(rows[:, 2 * d:3 * d])
+    B, C = t(rows[:, 3 * d:3 * d + N]), t(rows[:, 3 * d + N:])
+    A = -torch.rand(d, N, generator=g).cuda()
+    D, bias = torch.randn(d, generator=g).cuda(), torch.rand(d, generator=g).cuda()
+    h0 = torch.randn(b, d, N, generator=g).cuda()
+    y, hT = selective_scan_triton_fwd(x, dt, A, B, C, D, z, bias, True, h0)
+    assert y.stride() == x.stride()
+    y2, h2 = selective_scan_triton(*(v.contiguous() for v in (x, dt, A, B, C, D, z, bias)), True, h0)
+    assert torch.equal(y, y2) and torch.equal(hT, h2)

@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .triton_common import conv_shift_taps, silu, softplus
+
 
 # ---------------------------------------------------------------------------------------------------------------
 # residual add + RMSNorm
@@ -84,8 +86,7 @@ def _conv_step_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, d_inner, K,
     acc = tl.sum(new_s.to(tl.float32) * w, axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
-    acc = acc * tl.sigmoid(acc)                                                     # SiLU
-    tl.store(out_ptr + row * stride_o + ds, acc.to(out_ptr.dtype.element_ty), mask=dmask)
+    tl.store(out_ptr + row * stride_o + ds, silu(acc).to(out_ptr.dtype.element_ty), mask=dmask)
 
 
 def conv_step(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -154,12 +155,11 @@ def _ssm_step_kernel(xdbl_ptr, wdt_ptr, dtb_ptr, A_ptr, D_ptr, x_ptr, z_ptr, sta
         h = tl.load(s_ptrs, mask=dn_r, other=0.0)
         # δ = softplus(round_act(W_dt·δ_raw) + b_dt), torch's threshold 20
         dt = tl.sum(wdt * dt_raw[None, :], axis=1).to(act).to(tl.float32) + dtb
-        dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+        dt = softplus(dt)
         dA = tl.exp(dt[:, None] * A)
         h = dA * h + (dt * x)[:, None] * B[None, :]
         tl.store(s_ptrs, h, mask=dn_r)
-        y = tl.sum(h * C[None, :], axis=1) + Dv * x
-        y = y * (z * tl.sigmoid(z))
+        y = (tl.sum(h * C[None, :], axis=1) + Dv * x) * silu(z)
         tl.store(y_ptr + row * stride_y + ds, y.to(act), mask=dmask_r)
 
 
@@ -237,18 +237,11 @@ def _norm_in_proj_kernel(res_ptr, g_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr, conv_ptr,
     xz = acc.to(xc_ptr.dtype.element_ty)                                  # in_proj output, activation dtype
     if pid_n * BLOCK_N < d_inner:
         # x half: conv step over the KCONV taps, state shifted in place: s'[j] = s[j+1], s'[K−1] = x
-        cs = conv_ptr + ms[:, None] * stride_cb + ns[None, :] * stride_cd
-        cacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(KCONV):
-            if j < KCONV - 1:
-                s = tl.load(cs + (j + 1), mask=mmask[:, None], other=0.0)
-            else:
-                s = xz.to(conv_ptr.dtype.element_ty)
-            tl.store(cs + j, s, mask=mmask[:, None])
-            cacc += s.to(tl.float32) * tl.load(cw_ptr + ns * KCONV + j).to(tl.float32)[None, :]
+        cacc = conv_shift_taps(conv_ptr + ms[:, None] * stride_cb + ns[None, :] * stride_cd, xz,
+                               cw_ptr + ns[None, :] * KCONV, mmask[:, None], None, KCONV)
         if HAS_CONV_BIAS:
             cacc += tl.load(cb_ptr + ns).to(tl.float32)[None, :]
-        xc = (cacc * tl.sigmoid(cacc)).to(xc_ptr.dtype.element_ty)
+        xc = silu(cacc).to(xc_ptr.dtype.element_ty)
         tl.store(xc_ptr + ms[:, None] * stride_xc + ns[None, :], xc, mask=mmask[:, None])
         # x_proj partial: xdbl[m, j] += Σ_{c ∈ block} xc[m, c] · W_x[j, c]
         js = tl.arange(0, BLOCK_X)
@@ -373,8 +366,7 @@ def _conv_rows_kernel(x_ptr, state_ptr, w_ptr, b_ptr, out_ptr, L, d_inner, strid
         acc += (xv + sv) * w[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    acc = acc * tl.sigmoid(acc)
-    tl.store(out_ptr + (b * L + ts)[:, None] * stride_o + ds[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + (b * L + ts)[:, None] * stride_o + ds[None, :], silu(acc).to(out_ptr.dtype.element_ty),
              mask=tmask[:, None] & dmask[None, :])
 
 
@@ -402,95 +394,6 @@ def conv_rows_ref(x, batch, conv_state, weight, bias):
     xc = F.silu(F.conv1d(history[..., 1:].float(), weight[:, None, :].float(),
                          None if bias is None else bias.float(), groups=d)).to(x.dtype)
     return xc.transpose(1, 2).reshape(rows, d), history[..., -weight.shape[1]:]
-
-
-@triton.jit
-def _scan_rows_step(t, b, L, x_ptr, dt_ptr, z_ptr, xdbl_ptr, y_ptr, h, A, Dv, dtb, ds, ns, dmask, nmask,
-                    stride_x, stride_dt, stride_z, stride_xdbl, stride_y, R, N):
-    row = b * L + t
-    act = y_ptr.dtype.element_ty
-    x = tl.load(x_ptr + row * stride_x + ds, mask=dmask, other=0.0).to(tl.float32)
-    dt = tl.load(dt_ptr + row * stride_dt + ds, mask=dmask, other=0.0).to(tl.float32) + dtb
-    z = tl.load(z_ptr + row * stride_z + ds, mask=dmask, other=0.0).to(tl.float32)
-    B = tl.load(xdbl_ptr + row * stride_xdbl + R + ns, mask=nmask, other=0.0).to(act).to(tl.float32)
-    C = tl.load(xdbl_ptr + row * stride_xdbl + R + N + ns, mask=nmask, other=0.0).to(act).to(tl.float32)
-    dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))                 # softplus, threshold 20
-    h = tl.exp(dt[:, None] * A) * h + (dt * x)[:, None] * B[None, :]
-    y = tl.sum(h * C[None, :], axis=1) + Dv * x
-    y = y * (z * tl.sigmoid(z))
-    tl.store(y_ptr + row * stride_y + ds, y.to(act), mask=dmask)
-    return h
-
-
-@triton.jit
-def _scan_rows_kernel(x_ptr, dt_ptr, z_ptr, xdbl_ptr, A_ptr, D_ptr, dtb_ptr, h0_ptr, y_ptr, hT_ptr,
-                      L, d_inner, R, N, stride_x, stride_dt, stride_z, stride_xdbl, stride_y,
-                      stride_hb, stride_hd, HAS_H0: tl.constexpr, L_CONST: tl.constexpr,
-                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Time-sequential selective scan of one batch row and BLOCK_D channels; h [BLOCK_D, N] stays in registers,
-    every step's loads are independent of h (the compiler pipelines them)."""
-    pid_d = tl.program_id(0)
-    b = tl.program_id(1)
-    ds = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    ns = tl.arange(0, BLOCK_N)
-    dmask = ds < d_inner
-    nmask = ns < N
-    dn = dmask[:, None] & nmask[None, :]
-    A = tl.load(A_ptr + ds[:, None] * N + ns[None, :], mask=dn, other=0.0)
-    Dv = tl.load(D_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
-    dtb = tl.load(dtb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)
-    hp = b * stride_hb + ds[:, None] * stride_hd + ns[None, :]
-    if HAS_H0:
-        h = tl.load(h0_ptr + hp, mask=dn, other=0.0)
-    else:
-        h = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
-    if L_CONST > 0:      # the Triton interpreter (tests) needs a compile-time trip count
-        for t in range(L_CONST):
-            h = _scan_rows_step(t, b, L, x_ptr, dt_ptr, z_ptr, xdbl_ptr, y_ptr, h, A, Dv, dtb, ds, ns, dmask,
-                                nmask, stride_x, stride_dt, stride_z, stride_xdbl, stride_y, R, N)
-    else:
-        for t in range(L):
-            h = _scan_rows_step(t, b, L, x_ptr, dt_ptr, z_ptr, xdbl_ptr, y_ptr, h, A, Dv, dtb, ds, ns, dmask,
-                                nmask, stride_x, stride_dt, stride_z, stride_xdbl, stride_y, R, N)
-    tl.store(hT_ptr + hp, h, mask=dn)
-
-
-def scan_rows(x, dt, z, xdbl, A, D, dt_bias, h0, y, h_out, batch: int, block_d: int = 32,
-              num_warps: int = 4, num_stages: int = 3) -> None:
-    """Selective scan over a prompt in the row layout. x, dt (= W_dt·δ_raw, bias not added), z: [b·L, d] rows;
-    xdbl [b·L, R + 2N] (B, C read from it); A [d, N] fp32; D, dt_bias [d]; h0 [b, d, N] fp32 or None;
-    writes y [b·L, d] and the final state h_out [b, d, N] fp32 (may be h0)."""
-    rows, d = x.shape
-    L = rows // batch
-    N = A.shape[1]
-    R = xdbl.shape[1] - 2 * N
-    for t in (x, dt, z, xdbl, y):
-        assert t.stride(1) == 1
-    assert h_out.is_contiguous() and (h0 is None or h0.stride() == h_out.stride()) and A.is_contiguous()
-    import os
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    grid = (triton.cdiv(d, block_d), batch)
-    _scan_rows_kernel[grid](x, dt, z, xdbl, A, D, dt_bias, h0 if h0 is not None else h_out, y, h_out,
-                            L, d, R, N, x.stride(0), dt.stride(0), z.stride(0), xdbl.stride(0), y.stride(0),
-                            h_out.stride(0), h_out.stride(1), HAS_H0=h0 is not None,
-                            L_CONST=L if interpreting else 0, BLOCK_D=block_d,
-                            BLOCK_N=triton.next_power_of_2(N), num_warps=num_warps, num_stages=num_stages)
-
-
-def scan_rows_ref(x, dt, z, xdbl, A, D, dt_bias, h0, batch):
-    """Returns (y rows, final state) from ops.selective_scan.selective_scan_ref on the transposed tensors."""
-    from .selective_scan import selective_scan_ref
-    rows, d = x.shape
-    L = rows // batch
-    N = A.shape[1]
-    R = xdbl.shape[1] - 2 * N
-
-    def t(v):  # rows → [b, channels, L]
-        return v.reshape(batch, L, -1).transpose(1, 2)
-    Bm, Cm = t(xdbl[:, R:R + N]), t(xdbl[:, R + N:])
-    y, h = selective_scan_ref(t(x), t(dt), A, Bm, Cm, D=D.float(), z=t(z), delta_bias=dt_bias.float(),
-                              delta_softplus=True, initial_state=h0)
-    return y.transpose(1, 2).reshape(rows, d), h
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -523,18 +426,11 @@ def _gemv_front_kernel(res_ptr, g_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr, conv_ptr, w
             acc += tl.load(b_ptr + ns).to(tl.float32)
         xz = acc.to(xc_ptr.dtype.element_ty)
         if is_x:
-            cs = conv_ptr + m * stride_cb + ns * stride_cd
-            cacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for j in tl.static_range(KCONV):
-                if j < KCONV - 1:
-                    s = tl.load(cs + (j + 1))
-                else:
-                    s = xz.to(conv_ptr.dtype.element_ty)
-                tl.store(cs + j, s)
-                cacc += s.to(tl.float32) * tl.load(cw_ptr + ns * KCONV + j).to(tl.float32)
+            cacc = conv_shift_taps(conv_ptr + m * stride_cb + ns * stride_cd, xz, cw_ptr + ns * KCONV, None, None,
+                                   KCONV)
             if HAS_CONV_BIAS:
                 cacc += tl.load(cb_ptr + ns).to(tl.float32)
-            xc = (cacc * tl.sigmoid(cacc)).to(xc_ptr.dtype.element_ty)
+            xc = silu(cacc).to(xc_ptr.dtype.element_ty)
             tl.store(xc_ptr + m * stride_xc + ns, xc)
             part = tl.sum(wx.to(tl.float32) * xc.to(tl.float32)[None, :], axis=1)   # x_proj partial [BLOCK_X]
             tl.atomic_add(xdbl_ptr + m * stride_xdbl + js, part, mask=jmask)
@@ -608,18 +504,11 @@ def _conv_xproj_kernel(x_ptr, state_ptr, cw_ptr, cb_ptr, wx_ptr, xc_ptr, xdbl_pt
     dmask = ds < d_inner
     m2 = mmask[:, None] & dmask[None, :]
     x = tl.load(x_ptr + ms[:, None] * stride_x + ds[None, :], mask=m2, other=0.0)
-    cs = state_ptr + ms[:, None] * stride_sb + ds[None, :] * stride_sd
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-    for j in tl.static_range(KCONV):
-        if j < KCONV - 1:
-            s = tl.load(cs + (j + 1), mask=m2, other=0.0)
-        else:
-            s = x.to(state_ptr.dtype.element_ty)
-        tl.store(cs + j, s, mask=m2)
-        acc += s.to(tl.float32) * tl.load(cw_ptr + ds * KCONV + j, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    acc = conv_shift_taps(state_ptr + ms[:, None] * stride_sb + ds[None, :] * stride_sd, x,
+                          cw_ptr + ds[None, :] * KCONV, m2, dmask[None, :], KCONV)
     if HAS_BIAS:
         acc += tl.load(cb_ptr + ds, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    xc = (acc * tl.sigmoid(acc)).to(xc_ptr.dtype.element_ty)
+    xc = silu(acc).to(xc_ptr.dtype.element_ty)
     tl.store(xc_ptr + ms[:, None] * stride_xc + ds[None, :], xc, mask=m2)
     js = tl.arange(0, BLOCK_X)
     wx = tl.load(wx_ptr + js[None, :] * d_inner + ds[:, None], mask=(js[None, :] < XD) & dmask[:, None], other=0.0)

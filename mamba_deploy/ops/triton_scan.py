@@ -32,17 +32,13 @@ batch row and summed in torch.
 """
 from __future__ import annotations
 
-import os
+import dataclasses
 
 import torch
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from .triton_common import interpreting, loop_bound, silu, softplus
 
 
 # ----------------------------------------------------------------------------------------------- device helpers
@@ -63,25 +59,56 @@ def _adjoint_combine(a_r, p_r, s_r, a_l, p_l, s_l):
 
 
 @triton.jit
-def _softplus(x):
-    """softplus with torch's threshold 20; log1p written out (Kahan) so small exp(x) keeps its precision."""
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
-    return tl.where(x > 20.0, x, log1p)
-
-
-@triton.jit
 def _delta_from_raw(raw, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """δ = softplus(δ_raw + bias) in fp32 (0 where masked), and δ_raw + bias (for the backward)."""
     raw = raw.to(tl.float32)
     if HAS_BIAS:
         raw = raw + bias
     if SOFTPLUS:
-        dt = _softplus(raw)
+        dt = softplus(raw)
     else:
         dt = raw
     return tl.where(mask, dt, 0.0), raw
+
+
+@triton.jit
+def _tile(pid_d, pid_b, A_ptr, D_ptr, bias_ptr, Dm, N, s_Ad, s_An, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+          T: tl.constexpr, NS: tl.constexpr, NL: tl.constexpr, DS: tl.constexpr, DLW: tl.constexpr):
+    """The index tiles of one program (see the layout note below) and its per-channel constants:
+    ti [T,1,1,1,1]; t3 [T,1,1], d3 [1,DS,DLW] (per-channel tiles); n3 [1,NS,NL] (per-state tiles);
+    n4, d4 [NS,DS,DLW,NL] (per-(channel, state) tiles) and their masks; A [1,NS,DS,DLW,NL] fp32; D, δ_bias
+    [1,DS,DLW] fp32 (0 when absent); the offsets of this program's block in a [batch, D, N] state tensor."""
+    BD: tl.constexpr = DS * DLW
+    ti = tl.arange(0, T)[:, None, None, None, None]
+    t3 = tl.arange(0, T)[:, None, None]
+    d3 = pid_d * BD + tl.arange(0, DS)[None, :, None] * DLW + tl.arange(0, DLW)[None, None, :]
+    n3 = tl.arange(0, NS)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
+    n4 = tl.arange(0, NS)[:, None, None, None] * NL + tl.arange(0, NL)[None, None, None, :]
+    d4 = pid_d * BD + tl.arange(0, DS)[None, :, None, None] * DLW + tl.arange(0, DLW)[None, None, :, None]
+    dn_ok = (n4 < N) & (d4 < Dm)
+    d_ok = d3 < Dm
+    A = tl.load(A_ptr + d4 * s_Ad + n4 * s_An, mask=dn_ok, other=0.0).to(tl.float32)[None]
+    if HAS_D:
+        Dv = tl.load(D_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
+    else:
+        Dv = tl.zeros([1, DS, DLW], dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([1, DS, DLW], dtype=tl.float32)
+    state_offs = pid_b * Dm * N + d4 * N + n4
+    return ti, t3, d3, n3, n4, d4, dn_ok, d_ok, A, Dv, bias, state_offs
+
+
+@triton.jit
+def _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, pid_b, d3, n3, tn, m_d, m_n,
+                s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl):
+    """δ_raw, u [T, DS, DLW] and B, C [T, NS, NL] of the chunk at times ``tn`` (masked loads, input dtypes)."""
+    raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=m_d, other=0.0)
+    u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=m_d, other=0.0)
+    B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=m_n, other=0.0)
+    C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=m_n, other=0.0)
+    return raw, u, B, C
 
 
 # ----------------------------------------------------------------------------------------------- forward kernel
@@ -96,7 +123,7 @@ _NO_SPEC = ["Dm", "L", "N", "n_chunks", "s_ub", "s_ud", "s_db", "s_dd", "s_zb", 
             "s_gd", "s_Ad", "s_Bb", "s_Bn", "s_Cb", "s_Cn"]   # one compiled variant per tile/dtype, whatever L
 
 
-@triton.jit(do_not_specialize=[] if _interpreting() else [a for a in _NO_SPEC if a not in ("s_gb", "s_gd")])
+@triton.jit(do_not_specialize=[] if interpreting() else [a for a in _NO_SPEC if a not in ("s_gb", "s_gd")])
 def _scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr,
     out_ptr, hT_ptr, hs_ptr,
@@ -109,28 +136,9 @@ def _scan_fwd_kernel(
 ):
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
-    BD: tl.constexpr = DS * DLW
-    ti = tl.arange(0, T)[:, None, None, None, None]                 # time within the chunk, 5-D
-    # per-channel tiles [T, DS, DLW]
-    t3 = tl.arange(0, T)[:, None, None]
-    d3 = pid_d * BD + tl.arange(0, DS)[None, :, None] * DLW + tl.arange(0, DLW)[None, None, :]
-    # per-state tiles [T, NS, NL]
-    n3 = tl.arange(0, NS)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
-    # per-(channel, state) tiles [NS, DS, DLW, NL]
-    n4 = tl.arange(0, NS)[:, None, None, None] * NL + tl.arange(0, NL)[None, None, None, :]
-    d4 = pid_d * BD + tl.arange(0, DS)[None, :, None, None] * DLW + tl.arange(0, DLW)[None, None, :, None]
-    dn_ok = (n4 < N) & (d4 < Dm)
-    d_ok = d3 < Dm
-
-    # A in log2 units: a = exp2(δ · A·log2 e)
-    A2 = (tl.load(A_ptr + d4 * s_Ad + n4 * s_An, mask=dn_ok, other=0.0).to(tl.float32) * 1.4426950408889634)[None]
-    if HAS_D:
-        Dv = tl.load(D_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
-    state_offs = pid_b * Dm * N + d4 * N + n4                        # [NS, DS, DLW, NL] into [batch, D, N]
+    ti, t3, d3, n3, n4, d4, dn_ok, d_ok, A, Dv, bias, state_offs = _tile(
+        pid_d, pid_b, A_ptr, D_ptr, bias_ptr, Dm, N, s_Ad, s_An, HAS_D, HAS_BIAS, T, NS, NL, DS, DLW)
+    A2 = A * 1.4426950408889634                                       # A in log2 units: a = exp2(δ · A·log2 e)
     if HAS_H0:
         h = tl.load(h0_ptr + state_offs, mask=dn_ok, other=0.0)
     else:
@@ -139,10 +147,8 @@ def _scan_fwd_kernel(
     # software pipelining by hand: chunk c+1's loads are in flight while chunk c is computed
     m_d = d_ok & (t3 < L)
     m_n = (n3 < N) & (t3 < L)
-    nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + t3 * s_dl, mask=m_d, other=0.0)
-    nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + t3 * s_ul, mask=m_d, other=0.0)
-    nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + t3 * s_Bl, mask=m_n, other=0.0)
-    nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + t3 * s_Cl, mask=m_n, other=0.0)
+    nx_raw, nx_u, nx_B, nx_C = _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, pid_b, d3, n3, t3, m_d, m_n, s_ub, s_ud,
+                                           s_ul, s_db, s_dd, s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl)
     if HAS_Z:
         nx_z = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + t3 * s_zl, mask=m_d, other=0.0)
     for c in range(0, n_chunks):
@@ -152,10 +158,8 @@ def _scan_fwd_kernel(
         tn = (c + 1) * T + t3
         mn_d = d_ok & (tn < L)
         mn_n = (n3 < N) & (tn < L)
-        nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=mn_d, other=0.0)
-        nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=mn_d, other=0.0)
-        nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=mn_n, other=0.0)
-        nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=mn_n, other=0.0)
+        nx_raw, nx_u, nx_B, nx_C = _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, pid_b, d3, n3, tn, mn_d, mn_n, s_ub,
+                                               s_ud, s_ul, s_db, s_dd, s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl)
         if HAS_Z:
             nx_z = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + tn * s_zl, mask=mn_d, other=0.0)
 
@@ -184,8 +188,7 @@ def _scan_fwd_kernel(
         if HAS_D:
             y += Dv * u
         if HAS_Z:
-            zv = z_in.to(tl.float32)
-            y = y * zv * tl.sigmoid(zv)
+            y = y * silu(z_in.to(tl.float32))
         tl.store(out_ptr + pid_b * s_ob + d3 * s_od + t * s_ol, y.to(out_ptr.dtype.element_ty), mask=m_d)
 
     tl.store(hT_ptr + state_offs, h, mask=dn_ok)
@@ -193,7 +196,7 @@ def _scan_fwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- backward kernel
 
-@triton.jit(do_not_specialize=[] if _interpreting() else [a for a in _NO_SPEC if a not in ("s_ob", "s_od")])
+@triton.jit(do_not_specialize=[] if interpreting() else [a for a in _NO_SPEC if a not in ("s_ob", "s_od")])
 def _scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hs_ptr, dout_ptr, dhT_ptr,
     du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, dh0_ptr,
@@ -201,7 +204,7 @@ def _scan_bwd_kernel(
     s_ub, s_ud, s_ul, s_db, s_dd, s_dl, s_zb, s_zd, s_zl, s_gb, s_gd, s_gl,
     s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_DHT: tl.constexpr, SHIFTED_A: tl.constexpr,
+    HAS_DHT: tl.constexpr,
     T: tl.constexpr, NS: tl.constexpr, NL: tl.constexpr, DS: tl.constexpr, DLW: tl.constexpr,
 ):
     """Gradients; du, dδ, dz have the layout of u ([batch, D, L], contiguous); dB, dC are fp32 [batch, N, L]
@@ -209,24 +212,9 @@ def _scan_bwd_kernel(
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     BD: tl.constexpr = DS * DLW
-    ti = tl.arange(0, T)[:, None, None, None, None]
-    t3 = tl.arange(0, T)[:, None, None]
-    d3 = pid_d * BD + tl.arange(0, DS)[None, :, None] * DLW + tl.arange(0, DLW)[None, None, :]
-    n3 = tl.arange(0, NS)[None, :, None] * NL + tl.arange(0, NL)[None, None, :]
-    n4 = tl.arange(0, NS)[:, None, None, None] * NL + tl.arange(0, NL)[None, None, None, :]
-    d4 = pid_d * BD + tl.arange(0, DS)[None, :, None, None] * DLW + tl.arange(0, DLW)[None, None, :, None]
-    dn_ok = (n4 < N) & (d4 < Dm)
-    d_ok = d3 < Dm
-
-    A = tl.load(A_ptr + d4 * s_Ad + n4 * s_An, mask=dn_ok, other=0.0).to(tl.float32)[None]
+    ti, t3, d3, n3, n4, d4, dn_ok, d_ok, A, Dv, bias, state_offs = _tile(
+        pid_d, pid_b, A_ptr, D_ptr, bias_ptr, Dm, N, s_Ad, s_An, HAS_D, HAS_BIAS, T, NS, NL, DS, DLW)
     A2 = A * 1.4426950408889634
-    if HAS_D:
-        Dv = tl.load(D_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + d3, mask=d_ok, other=0.0).to(tl.float32)
-    else:
-        bias = 0.0
-    state_offs = pid_b * Dm * N + d4 * N + n4
     if HAS_DHT:
         carry = tl.load(dhT_ptr + state_offs, mask=dn_ok, other=0.0)   # ∂ℓ/∂h at the chunk's end, from later
     else:
@@ -240,37 +228,23 @@ def _scan_bwd_kernel(
     tn = c * T + t3
     m_d = d_ok & (tn < L)
     m_n = (n3 < N) & (tn < L)
-    m_x = d_ok & (tn + 1 < L) & (t3 < T - 1)
-    nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=m_d, other=0.0)
-    if SHIFTED_A:
-        nx_rawx = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + (tn + 1) * s_dl, mask=m_x, other=0.0)
-    else:
-        nx_rawx = nx_raw
-    nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=m_d, other=0.0)
-    nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=m_n, other=0.0)
-    nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=m_n, other=0.0)
+    nx_raw, nx_u, nx_B, nx_C = _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, pid_b, d3, n3, tn, m_d, m_n, s_ub, s_ud,
+                                           s_ul, s_db, s_dd, s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl)
     nx_g = tl.load(dout_ptr + pid_b * s_gb + d3 * s_gd + tn * s_gl, mask=m_d, other=0.0)
     nx_h = tl.load(hs_ptr + (pid_b * n_chunks + c) * Dm * N + d4 * N + n4, mask=dn_ok, other=0.0)
     if HAS_Z:
         nx_z = tl.load(z_ptr + pid_b * s_zb + d3 * s_zd + tn * s_zl, mask=m_d, other=0.0)
     for i in range(0, n_chunks):
         c = n_chunks - 1 - i
-        raw_in, rawx_in, u_in, B_in, C_in, g_in, h_start = nx_raw, nx_rawx, nx_u, nx_B, nx_C, nx_g, nx_h
+        raw_in, u_in, B_in, C_in, g_in, h_start = nx_raw, nx_u, nx_B, nx_C, nx_g, nx_h
         if HAS_Z:
             z_in = nx_z
         cp = c - 1                                                    # the next chunk to load (none when c = 0)
         tn = cp * T + t3
         mn_d = d_ok & (tn < L) & (tn >= 0)
         mn_n = (n3 < N) & (tn < L) & (tn >= 0)
-        mn_x = d_ok & (tn + 1 < L) & (t3 < T - 1) & (tn >= 0)
-        nx_raw = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + tn * s_dl, mask=mn_d, other=0.0)
-        if SHIFTED_A:
-            nx_rawx = tl.load(delta_ptr + pid_b * s_db + d3 * s_dd + (tn + 1) * s_dl, mask=mn_x, other=0.0)
-        else:
-            nx_rawx = nx_raw
-        nx_u = tl.load(u_ptr + pid_b * s_ub + d3 * s_ud + tn * s_ul, mask=mn_d, other=0.0)
-        nx_B = tl.load(B_ptr + pid_b * s_Bb + n3 * s_Bn + tn * s_Bl, mask=mn_n, other=0.0)
-        nx_C = tl.load(C_ptr + pid_b * s_Cb + n3 * s_Cn + tn * s_Cl, mask=mn_n, other=0.0)
+        nx_raw, nx_u, nx_B, nx_C = _load_chunk(u_ptr, delta_ptr, B_ptr, C_ptr, pid_b, d3, n3, tn, mn_d, mn_n, s_ub,
+                                               s_ud, s_ul, s_db, s_dd, s_dl, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl)
         nx_g = tl.load(dout_ptr + pid_b * s_gb + d3 * s_gd + tn * s_gl, mask=mn_d, other=0.0)
         nx_h = tl.load(hs_ptr + (pid_b * n_chunks + cp) * Dm * N + d4 * N + n4, mask=dn_ok & (d4 * 0 + cp >= 0), other=0.0)
         if HAS_Z:
@@ -311,16 +285,9 @@ def _scan_bwd_kernel(
         # adjoint: g_t = a_{t+1} g_{t+1} + C_t dy_t, the carry folded into the chunk's last step
         cdy = C5 * dy[:, None, :, :, None]
         cdy = tl.where(ti == T - 1, cdy + carry[None], cdy)
-        if SHIFTED_A:
-            # a_{t+1} recomputed from δ loaded one step ahead (0 at the chunk's last step: the carry stands for
-            # what follows)
-            dt_next, _ = _delta_from_raw(rawx_in, bias, d_ok & (t + 1 < L) & (t3 < T - 1), HAS_BIAS, SOFTPLUS)
-            a_next = tl.exp2(dt_next[:, None, :, :, None] * A2)
-            _, g = tl.associative_scan((a_next, cdy), 0, _affine_combine, reverse=True)
-        else:
-            # the same recurrence on the unshifted a_t (segment monoid): no second exp2, no δ look-ahead load
-            _, _, g = tl.associative_scan((a, tl.full(a.shape, 1.0, tl.float32), cdy), 0, _adjoint_combine,
-                                          reverse=True)
+        # the recurrence on the unshifted a_t (segment monoid): no second exp2, no δ look-ahead load
+        _, _, g = tl.associative_scan((a, tl.full(a.shape, 1.0, tl.float32), cdy), 0, _adjoint_combine,
+                                      reverse=True)
         carry = tl.sum(tl.where(ti == 0, a * g, -0.0), axis=0)       # ∂ℓ/∂h_{t0−1} (−0.0 folds away)
 
         hb = hh - b                                                   # a_t h_{t−1}
@@ -361,28 +328,27 @@ def _scan_bwd_kernel(
 
 # ----------------------------------------------------------------------------------------------- launch configs
 
+@dataclasses.dataclass(frozen=True)
 class ScanConfig:
-    """Tile of one program: T steps per chunk; N = NS (in-thread) × NL (lanes); BD = DS (in-thread) × DLW."""
+    """Tile of one program of either kernel: T steps per chunk; N = NS (in-thread) × NL (lanes); a block of
+    BD = DS (in-thread) × DLW (lanes × warps) channels; ``maxnreg`` caps the registers per thread (None: the
+    compiler's choice). Passed to :func:`selective_scan_triton` / :func:`selective_scan_triton_fwd` as
+    ``config`` (forward) and ``bwd_config`` (backward); None there means :func:`default_configs`."""
 
-    def __init__(self, T: int, NS: int, DS: int, num_warps: int, shifted_a: bool = False,
-                 maxnreg: int | None = None):
-        self.T, self.NS, self.DS, self.num_warps = T, NS, DS, num_warps
-        # backward only: shifted_a = the adjoint scan on a_{t+1} recomputed from δ loaded one step ahead (the
-        # first version); False = the segment-monoid scan on a_t. maxnreg caps registers per thread (occupancy).
-        self.shifted_a, self.maxnreg = shifted_a, maxnreg
-
-    def __repr__(self) -> str:
-        extra = (", shifted_a=True" if self.shifted_a else "") + (f", maxnreg={self.maxnreg}" if self.maxnreg else "")
-        return f"ScanConfig(T={self.T}, NS={self.NS}, DS={self.DS}, num_warps={self.num_warps}{extra})"
+    T: int
+    NS: int
+    DS: int
+    num_warps: int
+    maxnreg: int | None = None
 
     def launch_options(self) -> dict:
-        return {"maxnreg": self.maxnreg} if self.maxnreg and not _interpreting() else {}
+        return {"maxnreg": self.maxnreg} if self.maxnreg and not interpreting() else {}
 
     def meta(self, N: int, Dm: int) -> dict:
         NP = triton.next_power_of_2(N)
         NS = min(self.NS, NP)
         NL = NP // NS
-        if _interpreting():
+        if interpreting():
             # layouts mean nothing to the interpreter: keep the tile small (it runs numpy, element by element scans)
             DLW = min(4, triton.next_power_of_2(Dm))
         else:
@@ -392,73 +358,17 @@ class ScanConfig:
 
 def default_configs(N: int) -> tuple[ScanConfig, ScanConfig]:
     """(forward, backward) tiles; both use the same T (the backward restarts from the states saved per chunk)."""
-    if _interpreting():
+    if interpreting():
         return ScanConfig(8, 2, 1, 1), ScanConfig(8, 2, 1, 1)
     # measured on an H100 (bench/bench_scan.py --sweep, 8×2048×2048×16 bf16): one-warp programs avoid the cross-warp
     # steps of the channel sums and of the layout conversions; the forward likes NS=8 (one shuffle level for y).
-    # With these: forward 0.514 ms, forward+backward 3.11 ms (upstream CUDA: 0.595 / 3.03 ms). BWD_VARIANTS "t4_ds2"
-    # (backward T=4, DS=2; the forward then saves twice the states) measured 3.04 ms (forward 0.571 ms) in the same
-    # run — not the default: 2x the saved-state memory for 2%.
+    # With these: forward 0.514 ms, forward+backward 3.11 ms (upstream CUDA: 0.595 / 3.03 ms). A backward with
+    # T=4, DS=2 (the forward then saves twice the states; bench_scan.py --bwd-variants) measured 3.04 ms (forward
+    # 0.571 ms) in the same run — not the default: 2x the saved-state memory for 2%.
     return ScanConfig(8, 8, 1, 1), ScanConfig(8, 4, 1, 1)
 
 
-# Tiles the benchmark sweeps (bench/bench_scan.py --sweep) and the GPU tests check: T -> ((NS, DS, num_warps) of
-# forward candidates, of backward candidates). Earlier H100 sweeps (notes: /work/notes/triton_notes.md) covered
-# T in {8, 16, 32}, NS in {1..16}, DS in {1, 2}, 1-8 warps; these are the contenders.
-SWEEP_TILES = {
-    8: ([(8, 1, 1), (8, 1, 2)], [(4, 1, 1)]),
-    4: ([(8, 1, 1), (16, 1, 1), (8, 2, 1)], [(4, 2, 1), (4, 1, 1), (8, 1, 1)]),
-}
-
-# Backward variants the benchmark times side by side (bench/bench_scan.py --bwd-variants) and the GPU tests check:
-# name -> (forward ScanConfig args, backward ScanConfig args). A backward T below the forward's makes the forward
-# save one state per backward chunk.
-BWD_VARIANTS = {
-    "t8_shifted_a": ((8, 8, 1, 1), (8, 4, 1, 1, True)),          # the first version (δ look-ahead, 2nd exp2)
-    "t8": ((8, 8, 1, 1), (8, 4, 1, 1)),
-    "t8_reg192": ((8, 8, 1, 1), (8, 4, 1, 1, False, 192)),
-    "t8_reg168": ((8, 8, 1, 1), (8, 4, 1, 1, False, 168)),
-    "t4": ((8, 8, 1, 1), (4, 4, 1, 1)),
-    "t4_reg128": ((8, 8, 1, 1), (4, 4, 1, 1, False, 128)),
-    "t4_ds2": ((8, 8, 1, 1), (4, 4, 2, 1)),
-    "t4_ds2_reg168": ((8, 8, 1, 1), (4, 4, 2, 1, False, 168)),
-}
-
-_CONFIG_OVERRIDE: dict[str, ScanConfig] = {}
-
-
-def _env_config(name: str) -> ScanConfig | None:
-    """MAMBA_SCAN_FWD / MAMBA_SCAN_BWD = "T,NS,DS,num_warps[,shifted_a(0/1)[,maxnreg]]" pins a tile (benchmarks,
-    running the test-suite on a candidate tile)."""
-    spec = os.environ.get(name, "").strip()
-    if not spec:
-        return None
-    v = [int(x) for x in spec.split(",")]
-    return ScanConfig(*v[:4], *([bool(v[4])] if len(v) > 4 else []), *v[5:6])
-
-
-def set_configs(fwd: ScanConfig | None = None, bwd: ScanConfig | None = None) -> None:
-    """Pin the tiles (benchmark sweeps); ``None`` restores the defaults."""
-    for key, cfg in (("fwd", fwd), ("bwd", bwd)):
-        if cfg is None:
-            _CONFIG_OVERRIDE.pop(key, None)
-        else:
-            _CONFIG_OVERRIDE[key] = cfg
-
-
-def _configs(N: int) -> tuple[ScanConfig, ScanConfig]:
-    f, b = default_configs(N)
-    f, b = _env_config("MAMBA_SCAN_FWD") or f, _env_config("MAMBA_SCAN_BWD") or b
-    return _CONFIG_OVERRIDE.get("fwd", f), _CONFIG_OVERRIDE.get("bwd", b)
-
-
 # ----------------------------------------------------------------------------------------------- launchers
-
-def _loop_bound(n: int):
-    """The chunk count as the kernels' loop bound. Under the interpreter it goes in as a constexpr: Triton 3.6's
-    interpreter wraps int arguments as 1-element arrays, which ``range()`` cannot take with numpy >= 2.5."""
-    return tl.constexpr(n) if _interpreting() else n
-
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
     if u.dim() != 3 or delta.shape != u.shape:
@@ -480,18 +390,22 @@ def _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state):
                          f"got {tuple(initial_state.shape)}")
     if N > 256:
         raise ValueError(f"the Triton scan supports N <= 256 (got {N})")
+    if u.dtype == torch.float64:
+        raise ValueError("the Triton scan computes in fp32; use selective_scan_ref for float64")
     return batch, Dm, L, N
 
 
-def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, save_states):
+def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, cfg: ScanConfig, save_T: int | None):
+    """Forward launch. ``save_T``: save the state entering every ``save_T`` steps (for a backward of that T; it
+    must divide the forward's T), or None (inference: nothing saved). Returns (y in u's layout, h_T fp32, saved
+    states [batch, n_saved, D, N] or None)."""
     batch, Dm, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    cfg, bcfg = _configs(N)
     meta = cfg.meta(N, Dm)
     T = meta["T"]
-    # the backward's chunks may be shorter (T_bwd | T): the forward then saves a state per backward chunk
-    save_T = bcfg.T if save_states else T
+    save_states = save_T is not None
+    save_T = save_T or T
     if T % save_T:
-        raise RuntimeError(f"backward tile T={save_T} does not divide the forward's T={T}")
+        raise ValueError(f"backward tile T={save_T} does not divide the forward's T={T}")
     n_chunks = max(1, triton.cdiv(L, T))
     out = torch.empty_like(u)
     hT = torch.empty(batch, Dm, N, device=u.device, dtype=torch.float32)
@@ -502,21 +416,18 @@ def _fwd(u, delta, A, B, C, D, z, delta_bias, softplus, h0, save_states):
     _scan_fwd_kernel[grid](
         u, delta, A, B, C, D if D is not None else A, zz, delta_bias if delta_bias is not None else A,
         h0 if h0 is not None else hT, out, hT, hs,
-        Dm, L, N, _loop_bound(n_chunks),
+        Dm, L, N, loop_bound(n_chunks),
         *u.stride(), *delta.stride(), *zz.stride(), *out.stride(),
         *A.stride(), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        HAS_H0=h0 is not None, SAVE_STATES=save_states, SAVE_T=save_T, num_warps=cfg.num_warps, **meta)
-    return out, hT, (hs if save_states else None), save_T
+        HAS_H0=h0 is not None, SAVE_STATES=save_states, SAVE_T=save_T, num_warps=cfg.num_warps,
+        **cfg.launch_options(), **meta)
+    return out, hT, (hs if save_states else None)
 
 
-def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, hs, T_fwd, dout, dhT):
+def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, hs, cfg: ScanConfig, dout, dhT):
     batch, Dm, L, N = u.shape[0], u.shape[1], u.shape[2], A.shape[1]
-    _, cfg = _configs(N)
     meta = cfg.meta(N, Dm)
-    if meta["T"] != T_fwd:
-        raise RuntimeError(f"backward tile T={meta['T']} differs from the forward's T={T_fwd}")
-    T = T_fwd
     n_chunks = hs.shape[1]
     dout = dout.contiguous()
     du = torch.empty_like(u)
@@ -535,11 +446,11 @@ def _bwd(u, delta, A, B, C, D, z, delta_bias, softplus, hs, T_fwd, dout, dhT):
         dhT if dhT is not None else dh0,
         du, ddelta, dz if dz is not None else du, dA, dB, dC,
         dD if dD is not None else dA, dbias if dbias is not None else dA, dh0,
-        Dm, L, N, _loop_bound(n_chunks),
+        Dm, L, N, loop_bound(n_chunks),
         *u.stride(), *delta.stride(), *zz.stride(), *dout.stride(),
         *A.stride(), *B.stride(), *C.stride(),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(softplus),
-        HAS_DHT=dhT is not None, SHIFTED_A=cfg.shifted_a, num_warps=cfg.num_warps, **cfg.launch_options(), **meta)
+        HAS_DHT=dhT is not None, num_warps=cfg.num_warps, **cfg.launch_options(), **meta)
     return du, ddelta, dA.sum(0), dB, dC, (dD.sum(0) if dD is not None else None), dz, \
         (dbias.sum(0) if dbias is not None else None), dh0
 
@@ -548,7 +459,7 @@ class SelectiveScanTriton(torch.autograd.Function):
     """Autograd wrapper: forward saves the per-chunk start states; backward recomputes everything else."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, config, bwd_config):
         u, delta, B, C = u.contiguous(), delta.contiguous(), B.contiguous(), C.contiguous()
         z = z.contiguous() if z is not None else None
         A = A.contiguous()
@@ -556,10 +467,11 @@ class SelectiveScanTriton(torch.autograd.Function):
         delta_bias = delta_bias.contiguous() if delta_bias is not None else None
         h0 = initial_state.to(torch.float32).contiguous() if initial_state is not None else None
         save = any(ctx.needs_input_grad)
-        out, hT, hs, T = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, save)
+        out, hT, hs = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, config,
+                           bwd_config.T if save else None)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hs)
-            ctx.softplus, ctx.T = delta_softplus, T
+            ctx.softplus, ctx.bwd_config = delta_softplus, bwd_config
             ctx.has_h0 = initial_state is not None
             ctx.h0_dtype = initial_state.dtype if initial_state is not None else None
         return out, hT
@@ -570,22 +482,46 @@ class SelectiveScanTriton(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(u)
         du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = _bwd(
-            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, hs, ctx.T, dout,
+            u, delta, A, B, C, D, z, delta_bias, ctx.softplus, hs, ctx.bwd_config, dout,
             dhT.to(torch.float32).contiguous() if dhT is not None else None)
         return (du, ddelta, dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype),
                 dD.to(D.dtype) if dD is not None else None, dz,
                 dbias.to(delta_bias.dtype) if dbias is not None else None, None,
-                dh0.to(ctx.h0_dtype) if ctx.has_h0 else None)
+                dh0.to(ctx.h0_dtype) if ctx.has_h0 else None, None, None)
 
 
 def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
-                          initial_state=None):
+                          initial_state=None, config: ScanConfig | None = None,
+                          bwd_config: ScanConfig | None = None):
     """Triton selective scan; same contract as ``selective_scan_ref``. Returns (y in u's dtype, final state fp32).
 
     u, δ, z: [batch, d_inner, L] (fp32/fp16/bf16); A: [d_inner, N] fp32; B, C: [batch, N, L]; D, δ_bias:
-    [d_inner]; initial_state: [batch, d_inner, N]. Differentiable in every tensor argument.
+    [d_inner]; initial_state: [batch, d_inner, N]. Differentiable in every tensor argument. ``config`` /
+    ``bwd_config``: the forward / backward tiles (default :func:`default_configs`); the backward's T must divide
+    the forward's. Raises ValueError on shapes that do not match, N > 256 or float64 inputs.
     """
     _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
-    if u.dtype == torch.float64:
-        raise ValueError("the Triton scan computes in fp32; use selective_scan_ref for float64")
-    return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+    f, b = default_configs(A.shape[1])
+    config, bwd_config = config or f, bwd_config or b
+    if config.T % bwd_config.T:
+        raise ValueError(f"backward tile T={bwd_config.T} does not divide the forward's T={config.T}")
+    return SelectiveScanTriton.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, config,
+                                     bwd_config)
+
+
+@torch.no_grad()
+def selective_scan_triton_fwd(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=True,
+                              initial_state=None, config: ScanConfig | None = None):
+    """The forward kernel alone (inference: no autograd, no saved states), on tensors of ANY strides: e.g.
+    ``[batch, d, L]`` transposed views of the ``[batch·L, d]`` rows that the projections produce, read without a
+    copy; y is allocated with u's strides (so y is then in the row layout too). Same arguments and checks as
+    :func:`selective_scan_triton` (A, D, δ_bias, initial_state must be contiguous); returns (y, final state fp32
+    [batch, d_inner, N])."""
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias, initial_state)
+    for name, t in (("A", A), ("D", D), ("delta_bias", delta_bias), ("initial_state", initial_state)):
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    h0 = initial_state.to(torch.float32) if initial_state is not None else None
+    out, hT, _ = _fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0,
+                      config or default_configs(A.shape[1])[0], None)
+    return out, hT
