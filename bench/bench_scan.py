@@ -8,12 +8,14 @@ upstream's CUDA kernel (mamba_ssm) took 0.595 ms forward and 3.03 ms forward+bac
 this repository; README "Triton selective scan").
 Times are medians of ``triton.testing.do_bench``. The bytes-moved floor counts each input read once and each
 output written once (no saved states), at the HBM bandwidth measured in the same run by a 1 GiB device copy.
-``--sweep`` times tile configurations (``ScanConfig``) of both kernels; ``--profile`` writes a torch.profiler kernel
+``--sweep`` times tile configurations (``ScanConfig``, passed as ``config`` / ``bwd_config``) of both kernels;
+``--bwd-variants`` times the backward variants below side by side; ``--profile`` writes a torch.profiler kernel
 breakdown of the forward and of forward+backward.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -28,12 +30,31 @@ from mamba_deploy.devices import require_cuda  # noqa: E402
 if __name__ == "__main__":   # before the Triton imports: on a CPU one line and exit 2, not a traceback
     require_cuda("bench/bench_scan.py")
 
+from mamba_deploy.bench import measure_hbm_bandwidth, profile_kernels  # noqa: E402
 from mamba_deploy.io import write_json  # noqa: E402
-from mamba_deploy.ops import triton_scan  # noqa: E402
 from mamba_deploy.ops.selective_scan import selective_scan_chunked  # noqa: E402
-from mamba_deploy.ops.triton_scan import ScanConfig, selective_scan_triton  # noqa: E402
+from mamba_deploy.ops.triton_scan import ScanConfig, default_configs, selective_scan_triton  # noqa: E402
 
 UPSTREAM_H100_MS = {"fwd": 0.595, "fwd_bwd": 3.03}
+
+# Tiles --sweep times: T -> ((NS, DS, num_warps) of forward candidates, of backward candidates). Earlier H100
+# sweeps covered T in {8, 16, 32}, NS in {1..16}, DS in {1, 2}, 1-8 warps; these are the contenders.
+SWEEP_TILES = {
+    8: ([(8, 1, 1), (8, 1, 2)], [(4, 1, 1)]),
+    4: ([(8, 1, 1), (16, 1, 1), (8, 2, 1)], [(4, 2, 1), (4, 1, 1), (8, 1, 1)]),
+}
+
+# Backward variants --bwd-variants times side by side: name -> (forward ScanConfig, backward ScanConfig). A
+# backward T below the forward's makes the forward save one state per backward chunk; maxnreg caps registers.
+BWD_VARIANTS = {
+    "t8": (ScanConfig(8, 8, 1, 1), ScanConfig(8, 4, 1, 1)),
+    "t8_reg192": (ScanConfig(8, 8, 1, 1), ScanConfig(8, 4, 1, 1, maxnreg=192)),
+    "t8_reg168": (ScanConfig(8, 8, 1, 1), ScanConfig(8, 4, 1, 1, maxnreg=168)),
+    "t4": (ScanConfig(8, 8, 1, 1), ScanConfig(4, 4, 1, 1)),
+    "t4_reg128": (ScanConfig(8, 8, 1, 1), ScanConfig(4, 4, 1, 1, maxnreg=128)),
+    "t4_ds2": (ScanConfig(8, 8, 1, 1), ScanConfig(4, 4, 2, 1)),
+    "t4_ds2_reg168": (ScanConfig(8, 8, 1, 1), ScanConfig(4, 4, 2, 1, maxnreg=168)),
+}
 
 
 
@@ -69,13 +90,6 @@ def fwd_bwd_fn(scan, inp, dy):
     return run
 
 
-def hbm_bandwidth_gbs():
-    x = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
-    y = torch.empty_like(x)
-    ms = bench_ms(lambda: y.copy_(x), rep=300)
-    return 2 * x.numel() * x.element_size() / (ms * 1e-3) / 1e9
-
-
 def floor_bytes(batch, dim, L, N, act_bytes):
     act = batch * dim * L * act_bytes           # one [batch, d, L] activation tensor
     bc = batch * N * L * act_bytes
@@ -85,22 +99,8 @@ def floor_bytes(batch, dim, L, N, act_bytes):
 
 
 def profile_breakdown(fn, iters=5):
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        dev_us = getattr(ev, "self_device_time_total", None)
-        if dev_us is None:
-            dev_us = getattr(ev, "self_cuda_time_total", 0.0)
-        if dev_us and dev_us > 0:
-            rows.append({"kernel": ev.key[:120], "calls_per_iter": ev.count / iters,
-                         "ms_per_iter": dev_us / 1e3 / iters})
-    rows.sort(key=lambda r: -r["ms_per_iter"])
+    rows = [{"kernel": r["name"], "calls_per_iter": r["calls_per_iter"], "ms_per_iter": r["us_per_iter"] / 1e3}
+            for r in profile_kernels(fn, iters)]
     total = sum(r["ms_per_iter"] for r in rows)
     for r in rows:
         r["share"] = r["ms_per_iter"] / total if total else 0.0
@@ -112,15 +112,15 @@ def run_sweep(args, res):
     dy = torch.randn(args.batch, args.dim, args.seqlen, device="cuda", dtype=DTYPES[args.dtype])
     rows = []
     best = None
-    for T, (fwd_cands, bwd_cands) in triton_scan.SWEEP_TILES.items():
+    for T, (fwd_cands, bwd_cands) in SWEEP_TILES.items():
         fwd_times = {}
         for ns, ds, w in fwd_cands:
-            cfg = ScanConfig(T, ns, ds, w)
-            triton_scan.set_configs(fwd=cfg, bwd=ScanConfig(T, *bwd_cands[0]))
+            scan = functools.partial(selective_scan_triton, config=ScanConfig(T, ns, ds, w),
+                                     bwd_config=ScanConfig(T, *bwd_cands[0]))
             try:
                 with torch.no_grad():
-                    t_inf = bench_ms(fwd_fn(selective_scan_triton, inp), rep=100)
-                t_tr = bench_ms(fwd_fn(selective_scan_triton, inp), rep=100)
+                    t_inf = bench_ms(fwd_fn(scan, inp), rep=100)
+                t_tr = bench_ms(fwd_fn(scan, inp), rep=100)
                 fwd_times[(ns, ds, w)] = t_tr
                 rows.append({"kernel": "fwd", "T": T, "NS": ns, "DS": ds, "num_warps": w,
                              "fwd_infer_ms": t_inf, "fwd_train_ms": t_tr})
@@ -131,9 +131,10 @@ def run_sweep(args, res):
             continue
         bf = min(fwd_times, key=fwd_times.get)
         for ns, ds, w in bwd_cands:
-            triton_scan.set_configs(fwd=ScanConfig(T, *bf), bwd=ScanConfig(T, ns, ds, w))
+            scan = functools.partial(selective_scan_triton, config=ScanConfig(T, *bf),
+                                     bwd_config=ScanConfig(T, ns, ds, w))
             try:
-                t_fb = bench_ms(fwd_bwd_fn(selective_scan_triton, inp, dy), rep=100)
+                t_fb = bench_ms(fwd_bwd_fn(scan, inp, dy), rep=100)
                 row = {"kernel": "bwd", "T": T, "NS": ns, "DS": ds, "num_warps": w, "fwd_cfg": list(bf),
                        "fwd_bwd_ms": t_fb, "bwd_ms": t_fb - fwd_times[bf]}
                 rows.append(row)
@@ -145,27 +146,25 @@ def run_sweep(args, res):
     res["sweep"] = rows
     if best is not None:
         res["sweep_best"] = {"fwd_bwd_ms": best[0], "fwd": repr(best[1]), "bwd": repr(best[2])}
-        triton_scan.set_configs(fwd=best[1], bwd=best[2])
-    else:
-        triton_scan.set_configs()
+        return best[1], best[2]
+    return None
 
 
 def run_bwd_variants(args, res):
-    """Forward+backward of every ``triton_scan.BWD_VARIANTS`` entry, timed side by side in one process."""
+    """Forward+backward of every ``BWD_VARIANTS`` entry, timed side by side in one process."""
     inp = make_inputs(args.batch, args.dim, args.seqlen, args.dstate, DTYPES[args.dtype], requires_grad=True)
     dy = torch.randn(args.batch, args.dim, args.seqlen, device="cuda", dtype=DTYPES[args.dtype])
     rows = []
-    for name, (fwd, bwd) in triton_scan.BWD_VARIANTS.items():
-        triton_scan.set_configs(fwd=ScanConfig(*fwd), bwd=ScanConfig(*bwd))
+    for name, (fwd, bwd) in BWD_VARIANTS.items():
+        scan = functools.partial(selective_scan_triton, config=fwd, bwd_config=bwd)
         try:
-            t_f = bench_ms(fwd_fn(selective_scan_triton, inp))
-            t_fb = bench_ms(fwd_bwd_fn(selective_scan_triton, inp, dy))
-            rows.append({"variant": name, "fwd": list(fwd), "bwd": list(bwd), "fwd_train_ms": t_f,
+            t_f = bench_ms(fwd_fn(scan, inp))
+            t_fb = bench_ms(fwd_bwd_fn(scan, inp, dy))
+            rows.append({"variant": name, "fwd": repr(fwd), "bwd": repr(bwd), "fwd_train_ms": t_f,
                          "fwd_bwd_ms": t_fb, "bwd_ms": t_fb - t_f})
         except Exception as e:  # noqa: BLE001  (a variant that does not compile is a result)
             rows.append({"variant": name, "error": repr(e)[:300]})
         print(rows[-1], flush=True)
-    triton_scan.set_configs()
     res["bwd_variants"] = rows
 
 
@@ -182,7 +181,7 @@ def main(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--sweep", action="store_true", help="time tile configurations first and use the best")
     p.add_argument("--bwd-variants", action="store_true",
-                   help="time forward+backward of every triton_scan.BWD_VARIANTS entry side by side")
+                   help="time forward+backward of every BWD_VARIANTS entry side by side")
     p.add_argument("--profile", action="store_true", help="torch.profiler kernel breakdown of fwd and fwd+bwd")
     p.add_argument("--skip-chunked", action="store_true", help="do not time the chunked torch scan")
     args = p.parse_args(argv)
@@ -197,26 +196,28 @@ def main(argv=None):
     def save():
         write_json(args.json, res, indent=1)
 
-    res["hbm_copy_GBps"] = hbm_bandwidth_gbs()
+    res["hbm_copy_GBps"] = measure_hbm_bandwidth(torch.device("cuda")) / 1e9
     fb = floor_bytes(args.batch, args.dim, args.seqlen, args.dstate, torch.finfo(DTYPES[args.dtype]).bits // 8)
     res["floor_bytes"] = fb
     res["floor_ms"] = {k: v / (res["hbm_copy_GBps"] * 1e9) * 1e3 for k, v in fb.items()}
     save()
+    configs = default_configs(args.dstate)
     if args.sweep:
-        run_sweep(args, res)
+        configs = run_sweep(args, res) or configs       # the timings below use the best tiles of the sweep
         save()
     if args.bwd_variants:
         run_bwd_variants(args, res)
         save()
-    res["configs"] = [repr(c) for c in triton_scan._configs(args.dstate)]
+    res["configs"] = [repr(c) for c in configs]
+    scan = functools.partial(selective_scan_triton, config=configs[0], bwd_config=configs[1])
 
     inp = make_inputs(args.batch, args.dim, args.seqlen, args.dstate, DTYPES[args.dtype], requires_grad=True)
     dy = torch.randn(args.batch, args.dim, args.seqlen, device="cuda", dtype=DTYPES[args.dtype])
     t = {}
     with torch.no_grad():
-        t["triton_fwd_infer"] = bench_ms(fwd_fn(selective_scan_triton, inp))
-    t["triton_fwd"] = bench_ms(fwd_fn(selective_scan_triton, inp))           # saves the chunk states
-    t["triton_fwd_bwd"] = bench_ms(fwd_bwd_fn(selective_scan_triton, inp, dy))
+        t["triton_fwd_infer"] = bench_ms(fwd_fn(scan, inp))
+    t["triton_fwd"] = bench_ms(fwd_fn(scan, inp))           # saves the chunk states
+    t["triton_fwd_bwd"] = bench_ms(fwd_bwd_fn(scan, inp, dy))
     t["triton_bwd"] = t["triton_fwd_bwd"] - t["triton_fwd"]
     res["ms"] = t
     res["vs_floor"] = {"fwd": t["triton_fwd"] / res["floor_ms"]["fwd"],
@@ -228,8 +229,8 @@ def main(argv=None):
 
     if args.profile:
         with torch.no_grad():
-            res["profile_fwd_infer"] = profile_breakdown(fwd_fn(selective_scan_triton, inp))
-        res["profile_fwd_bwd"] = profile_breakdown(fwd_bwd_fn(selective_scan_triton, inp, dy))
+            res["profile_fwd_infer"] = profile_breakdown(fwd_fn(scan, inp))
+        res["profile_fwd_bwd"] = profile_breakdown(fwd_bwd_fn(scan, inp, dy))
         save()
 
     if not args.skip_chunked:

@@ -120,6 +120,27 @@ class Timer:
             self.ms = (time.perf_counter() - self._t0) * 1e3
 
 
+def profile_kernels(fn: Callable[[], object], iters: int = 3) -> list[dict]:
+    """Per-kernel device time of ``fn`` (torch.profiler, CUDA activity; one untimed call first): rows
+    ``{"name", "calls_per_iter", "us_per_iter"}``, slowest first. Self time, so an operator's kernels are not
+    counted twice under the operator."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "self_device_time_total", None)
+        if us is None:                                     # older torch
+            us = getattr(ev, "self_cuda_time_total", 0.0)
+        if us and us > 0:
+            rows.append({"name": ev.key[:120], "calls_per_iter": ev.count / iters, "us_per_iter": us / iters})
+    return sorted(rows, key=lambda r: -r["us_per_iter"])
+
+
 def _host_rss(field: str) -> int | None:
     """VmRSS (now) or VmHWM (peak since the last reset) of this process in bytes, from /proc (Linux)."""
     try:

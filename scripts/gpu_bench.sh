@@ -40,7 +40,7 @@ if has bench; then
     --plot "$OUT/bench.png" 2>&1 | tr '\r' '\n' | grep -v "batches:" | tee "$OUT/bench.log"
 fi
 if has tests; then
-  echo "== tests"; python3 -m pytest -q -rs -s tests/test_fast_session_gpu.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | grep -E "batch|passed|failed|Error|error|assert" | tail -30
+  echo "== tests"; python3 -m pytest -q -rs -s tests/test_fast_session_gpu.py tests/test_triton_scan.py ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/tests.log" | grep -E "batch|passed|failed|Error|error|assert" | tail -30
 fi
 if has profile; then
   echo "== profile"; python3 scripts/profile_decode.py $PROFILE_ARGS --out "$OUT/profile.json" 2>&1 | tee "$OUT/profile.log"

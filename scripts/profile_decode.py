@@ -5,7 +5,7 @@ Prints and writes (``--out FILE.json``):
   * per batch size and decode path, the step time through the session, the bare graph replay time, and the
     per-kernel device times of one step (torch.profiler over the eager step: same kernels, no launch gaps), so
     graph time − Σ kernel time = what launches and gaps cost;
-  * a sweep of launch parameters of the small-batch kernels (each kernel alone, cold L2, do_bench median);
+  * the general path's kernels and cuBLAS projections alone (cold L2, do_bench median);
   * prefill time at batch 1 and 8 × 2048 tokens and its top operators.
 Run by scripts/gpu_bench.sh.
 """
@@ -23,7 +23,8 @@ if __name__ == "__main__":   # before the Triton imports: on a CPU one line and 
 
 import triton.testing  # noqa: E402
 
-from mamba_deploy.bench import decode_floor_bytes, measure_hbm_bandwidth, weight_bytes  # noqa: E402
+from mamba_deploy.bench import (decode_floor_bytes, measure_hbm_bandwidth, profile_kernels,  # noqa: E402
+                                 weight_bytes)
 from mamba_deploy.config import config_for_size  # noqa: E402
 from mamba_deploy.io import write_json  # noqa: E402
 from mamba_deploy.model import random_model  # noqa: E402
@@ -47,29 +48,9 @@ def events_ms(fn, n: int, reps: int = 7) -> float:
     return statistics.median(times)
 
 
-def kernel_table(fn, steps: int = 3) -> list[dict]:
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(steps):
-            fn()
-        torch.cuda.synchronize()
-    rows = []
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0)
-        if t <= 0:
-            continue
-        rows.append({"name": ev.key[:80], "count_per_step": ev.count / steps, "us_per_step": t / steps})
-    rows.sort(key=lambda r: -r["us_per_step"])
-    return rows
-
-
 def print_table(rows, limit=14):
     for r in rows[:limit]:
-        print(f"    {r['us_per_step']:9.1f} us  x{r['count_per_step']:6.1f}  {r['name']}")
+        print(f"    {r['us_per_iter']:9.1f} us  x{r['calls_per_iter']:6.1f}  {r['name'][:80]}")
 
 
 def ceilings() -> dict:
@@ -80,11 +61,8 @@ def ceilings() -> dict:
     return {"hbm_copy_bytes_per_s": bw, "fp16_matmul_flops": 2 * 8192**3 / (ms / 1e3)}
 
 
-def decode_profile(model, batch: int, small_max: int, tune: bool = True, launch=None) -> dict:
+def decode_profile(model, batch: int, small_max: int, tune: bool = True) -> dict:
     sess = FastSession(model, small_batch_max=small_max, tune=tune)
-    if launch:
-        for k, v in launch.items():
-            sess.decoder.launch[k] = dict(v)
     V = model.config.vocab_size
     prompt = torch.randint(0, V, (batch, 32), device=dev)
     toks = torch.randint(0, V, (256, batch), device=dev)
@@ -97,9 +75,9 @@ def decode_profile(model, batch: int, small_max: int, tune: bool = True, launch=
 
     for _ in range(20):
         session_step()
-    g = sess._steps[batch]
-    out = {"batch": batch, "path": sess.decoder.path(batch), "tuned": tune, "selection": g.selection,
-           "launch": sess.decoder.launch_for.get((batch, sess.decoder.path(batch)), sess.decoder.launch),
+    g = sess.graphed_step(batch)
+    plan = sess.decoder.plan(batch)
+    out = {"batch": batch, "path": plan.path, "tuned": tune, "selection": plan.selection, "launch": plan.launch,
            "session_step_ms": events_ms(session_step, 100)}
     out["graph_replay_ms"] = events_ms(g.graph.replay, 100)
 
@@ -108,14 +86,14 @@ def decode_profile(model, batch: int, small_max: int, tune: bool = True, launch=
             sess.decoder.step(g.ids, g.state.conv, g.state.ssm)
 
     out["eager_step_ms"] = events_ms(eager, 10, reps=3)
-    rows = kernel_table(eager)
+    rows = profile_kernels(eager)
     out["kernels"] = rows
-    out["kernel_sum_ms"] = sum(r["us_per_step"] for r in rows) / 1e3
+    out["kernel_sum_ms"] = sum(r["us_per_iter"] for r in rows) / 1e3
     try:
-        out["graph_kernels"] = kernel_table(g.graph.replay)[:20]
+        out["graph_kernels"] = profile_kernels(g.graph.replay)[:20]
     except Exception as e:  # profiling graph replays needs CUPTI graph support
         out["graph_kernels_error"] = str(e)[:200]
-    out["tuning_log"] = sess.decoder.tuning_log.get((batch, out["path"]))
+    out["tuning_log"] = plan.tuning
     del sess
     torch.cuda.empty_cache()
     return out
@@ -144,15 +122,13 @@ def unfused_kernels(model, M: int) -> dict:
     return {k: bench(f) for k, f in ref.items()}
 
 
-def prefill_profile(model, batch: int, L: int, impl: str, scan: str, scan_launch=None, ops=False) -> dict:
-    sess = FastSession(model, prefill_impl=impl, prefill_scan=scan)
-    sess.scan_launch = dict(scan_launch or {})
+def prefill_profile(model, batch: int, L: int) -> dict:
+    sess = FastSession(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, L), device=dev)
     sess.prefill(ids)
-    out = {"batch": batch, "prompt_len": L, "impl": impl, "scan": scan, "scan_launch": scan_launch,
-           "ms": events_ms(lambda: sess.prefill(ids), 1, reps=5)}
-    if ops:
-        out["ops"] = kernel_table(lambda: sess.prefill(ids), steps=1)[:15]
+    out = {"batch": batch, "prompt_len": L, "ms": events_ms(lambda: sess.prefill(ids), 1, reps=5),
+           "tiles": sess.decode_info(batch)["prefill"]}
+    out["ops"] = profile_kernels(lambda: sess.prefill(ids), iters=1)[:15]
     del sess
     torch.cuda.empty_cache()
     return out
@@ -173,7 +149,7 @@ def main():
     ap.add_argument("--size", default="370m")
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true",
-                    help="only the chosen decode path at batch 1 and 64 and the prefill's top operators")
+                    help="only the chosen decode path at batch 1 and 64")
     args = ap.parse_args()
     torch.manual_seed(0)
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
@@ -207,8 +183,8 @@ def main():
             print_table(r["graph_kernels"], 6)
         if r.get("tuning_log"):
             for k, timings in r["tuning_log"].items():
-                print(f"   tune {k}: " + "; ".join(f"{t['params']} {t.get('us', float('nan')):.1f}us"
-                                                   if "us" in t else f"{t['params']} ERR" for t in timings))
+                print(f"   tune {k}: " + "; ".join(f"{t['params']} {t['ms'] * 1e3:.1f}us"
+                                                   if "ms" in t else f"{t['params']} ERR" for t in timings))
         save()
     for M in (() if args.quick else (1, 8, 64)):
         u = section(report, f"unfused{M}", lambda: unfused_kernels(model, M))
@@ -217,26 +193,13 @@ def main():
             print(f"unfused kernels M={M} (us, cold L2): " + ", ".join(f"{k} {v:.1f}" for k, v in u.items()))
     save()
     report["prefill"] = []
-    variants = [("rows", "triton-rows", None), ("rows", "triton", None), ("model-layout", "triton", None),
-                ("rows", "rows", dict(block_d=32)), ("rows", "rows", dict(block_d=16, num_warps=1)),
-                ("rows", "rows", dict(block_d=64, num_warps=2))]
     for batch in (8, 1):
-        for impl, scan, sl in (variants[:1] if args.quick else variants if batch == 8 else variants[:3]):
-            p = section(report, f"prefill{batch}-{impl}-{scan}-{sl}",
-                        lambda: prefill_profile(model, batch, 2048, impl, scan, sl))
-            if p:
-                report["prefill"].append(p)
-                print(f"prefill batch {batch} x 2048 {impl}/{scan} {sl or ''}: {p['ms']:.2f} ms")
-        save()
-    best = min((p for p in report["prefill"] if p["batch"] == 8), key=lambda p: p["ms"], default=None)
-    if best:
-        p = section(report, "prefill-ops", lambda: prefill_profile(model, 8, 2048, best["impl"], best["scan"],
-                                                                   best["scan_launch"], ops=True))
+        p = section(report, f"prefill{batch}", lambda: prefill_profile(model, batch, 2048))
         if p:
-            report["prefill_best_ops"] = p
-            print(f"prefill batch 8 best {best['impl']}/{best['scan']} {best['scan_launch']}: {p['ms']:.2f} ms")
+            report["prefill"].append(p)
+            print(f"prefill batch {batch} x 2048: {p['ms']:.2f} ms, tiles {p['tiles']}")
             print_table(p["ops"], 12)
-    save()
+        save()
     print("errors:", report.get("errors"))
 
 
