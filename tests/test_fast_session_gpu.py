@@ -128,10 +128,11 @@ def test_decode_kernels_under_triton_interpreter():
 # [1e-3, 0.1] (dt_proj's initial range). fp32's own rounding is 6e-8 relative; the bound is 1e-6. An fp32
 # log(1 + exp(x)) rounds 1 + exp(x) and is off by up to ~6e-5 there.
 SOFTPLUS_SCRIPT = textwrap.dedent("""
-    import json
+    import json, sys
     import torch
     from mamba_deploy.ops import triton_decode as td
     from mamba_deploy.ops.triton_scan import selective_scan_triton_fwd
+    torch.set_default_device(sys.argv[1])
     d, N, R = 512, 4, 1
     delta = torch.logspace(-3, -1, d, dtype=torch.float64)
     raw = torch.log(torch.expm1(delta)).float()                     # fp32 δ_raw, softplus(δ_raw) ≈ δ
@@ -148,12 +149,15 @@ SOFTPLUS_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_softplus_precision_under_triton_interpreter():
-    """The decode step and the scan compute δ = softplus(·) to fp32 precision (relative error ≤ 1e-6)."""
+@pytest.mark.parametrize("device", ["interpreter", pytest.param("cuda", marks=needs_cuda)])
+def test_softplus_precision(device):
+    """The decode step and the scan compute δ = softplus(·) to fp32 precision (relative error ≤ 1e-6): under
+    Triton's interpreter on the CPU, and compiled on a GPU."""
     import json
     pytest.importorskip("triton", reason="triton is not installed")
-    proc = subprocess.run([sys.executable, "-c", SOFTPLUS_SCRIPT], env={**os.environ, "TRITON_INTERPRET": "1"},
-                          capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "TRITON_INTERPRET": "1"} if device == "interpreter" else os.environ
+    proc = subprocess.run([sys.executable, "-c", SOFTPLUS_SCRIPT, "cpu" if device == "interpreter" else "cuda"],
+                          env=env, capture_output=True, text=True, timeout=300)
     line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("ERRS")), None)
     assert proc.returncode == 0 and line, proc.stdout[-2000:] + proc.stderr[-4000:]
     errs = json.loads(line[len("ERRS"):])

@@ -7,10 +7,11 @@ Each is a ``@triton.jit`` function (inlined into the calling kernel, so sharing 
     conv_shift_taps(...)  one step of a causal depthwise conv: the conv state shifted by one tap in place, the new
                   input appended, and Σ_j s'_j · w_j returned (Gu & Dao 2023, §3.4: the conv before the SSM)
 
-``softplus`` keeps its relative precision for small eˣ (δ near 0): ``log(1 + e)`` in fp32 rounds ``1 + e`` to a
-multiple of 2⁻²³, which for δ ∈ [1e-3, 0.1] is a relative error up to ~6e-5; the Kahan form
-``log(w)·e / (w − 1)`` with ``w = 1 + e`` cancels that rounding (error ~3e-7, tests/test_fast_session_gpu.py
-checks it against float64).
+``softplus`` keeps its relative precision for small eˣ (δ near 0): ``log(1 + e)`` in fp32 rounds ``w = 1 + e`` to
+a multiple of 2⁻²³, which for δ ∈ [1e-3, 0.1] is a relative error up to ~6e-5. The rounding error of w is known
+exactly, ``e − (w − 1)``, and log(1 + e) = log(w) + (e − (w − 1)) / w to second order in it, so adding that term
+gives fp32 precision (~3e-7; tests/test_fast_session_gpu.py checks it against float64). The correction is tiny, so
+an approximate division serves (no IEEE division slow path in the kernels).
 """
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ def loop_bound(n: int):
 
 @triton.jit
 def softplus(x):
-    """log(1 + exp(x)) in fp32 with torch's threshold 20; log1p written out (Kahan) so small exp(x) keeps its
-    precision."""
+    """log(1 + exp(x)) in fp32 with torch's threshold 20; log1p written out (the rounding of 1 + exp(x) added
+    back) so small exp(x) keeps its precision."""
     e = tl.exp(tl.minimum(x, 20.0))
     w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    log1p = tl.log(w) + tl.fdiv(e - (w - 1.0), w, ieee_rounding=False)
     return tl.where(x > 20.0, x, log1p)
 
 
