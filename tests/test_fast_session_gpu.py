@@ -285,16 +285,19 @@ def test_fast_session_matches_reference_over_512_steps(models_370m, batch, steps
 
 @needs_cuda
 def test_graph_replay_equals_eager_fast_step(models_370m):
-    """The captured graph computes exactly what the eager fused step computes (same kernels, same order)."""
+    """The captured graph computes what the eager fused step computes (same kernels, same order), step by step from
+    the same state. Not bit for bit: atomics in x_proj make the order of fp32 additions vary between runs, which
+    flips fp16 roundings now and then (~1e-4 relative in one step's logits; over several steps it compounds)."""
     from mamba_deploy.runtime.fast_session import FastSession
     _, m16 = models_370m
     graphed, eager = FastSession(m16), FastSession(m16, use_graph=False)
     ids = torch.randint(0, m16.config.vocab_size, (4, 16), device="cuda")
     _, sg = graphed.prefill(ids)
     eager.decoder.plans = graphed.decoder.plans                    # the decode path and launch parameters chosen
-    _, se = eager.prefill(ids)
     for t in range(8):
         nid = torch.randint(0, m16.config.vocab_size, (4,), device="cuda")
+        start = sg.clone()
         lg, sg = graphed.step(nid, sg)
-        le, se = eager.step(nid, se)
-    assert rel(lg, le) < 1e-3   # atomics in x_proj make the order of fp32 additions vary between runs
+        le, se = eager.step(nid, start)                            # a state eager does not own: copied in
+        assert rel(lg, le) < 1e-3, t
+        assert max(rel(a, b) for a, b in zip(sg.ssm, se.ssm)) < 1e-3, t
