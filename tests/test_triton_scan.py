@@ -168,14 +168,19 @@ def test_gpu_matches_float64_reference(L, N, flags, dtype):
     ours = run_with_grads(selective_scan_triton, inp)
     assert set(ours) == set(ref)
     assert ours["y"].dtype == act and ours["final_state"].dtype == torch.float32
-    if dtype == "fp32":
+    assert_matches(ours, ref, act)
+
+
+def assert_matches(ours, ref, act, what=""):
+    """fp32: normwise relative error <= FP32_REL per output and gradient; bf16: bf16_excess <= 1."""
+    if act == torch.float32:
         errs = {k: normwise_rel(ours[k], ref[k]) for k in ref}
         bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
-        assert not bad, f"normwise relative error above {FP32_REL}: {bad}"
+        assert not bad, f"{what} normwise relative error above {FP32_REL}: {bad}"
     else:
         errs = {k: bf16_excess(ours[k], ref[k]) for k in ref}
         bad = {k: v for k, v in errs.items() if not v <= 1.0}
-        assert not bad, f"outside rtol {BF16_RTOL} / atol {BF16_ATOL} (ratio > 1): {bad}"
+        assert not bad, f"{what} outside rtol {BF16_RTOL} / atol {BF16_ATOL} (ratio > 1): {bad}"
 
 
 @cuda
@@ -212,13 +217,7 @@ def test_gpu_other_tiles_match_reference(fwd, bwd):
                           act_dtype=act, device="cuda", seed=13 + L)
         ref = run_with_grads(selective_scan_ref, to64(inp))
         ours = run_with_grads(selective_scan_triton, inp, config=ScanConfig(*fwd), bwd_config=ScanConfig(*bwd))
-        if act == torch.float32:
-            errs = {k: normwise_rel(ours[k], ref[k]) for k in ref}
-            bad = {k: v for k, v in errs.items() if not v <= FP32_REL}
-        else:
-            errs = {k: bf16_excess(ours[k], ref[k]) for k in ref}
-            bad = {k: v for k, v in errs.items() if not v <= 1.0}
-        assert not bad, f"tiles fwd={fwd} bwd={bwd} ({act}): {bad}"
+        assert_matches(ours, ref, act, f"tiles fwd={fwd} bwd={bwd} ({act}):")
 
 
 @cuda

@@ -254,16 +254,21 @@ def _norm_in_proj_kernel(res_ptr, g_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr, conv_ptr,
         tl.store(z_ptr + ms[:, None] * stride_z + nz[None, :], xz, mask=mmask[:, None])
 
 
+def _front_shapes(residual, in_w, conv_state, conv_w, x_w, xc, z, xdbl, block_n, max_rows):
+    """(M, d_model, d_inner, R + 2N) of a fused front-half call, after checking the layouts its kernels assume."""
+    M, Kdim = residual.shape
+    d = conv_w.shape[0]
+    assert M <= max_rows and d % block_n == 0 and in_w.is_contiguous() and x_w.is_contiguous()
+    assert conv_state.stride(2) == 1 and conv_state.stride(1) == conv_w.shape[1] and conv_w.is_contiguous()
+    assert xdbl.dtype == torch.float32 and xdbl.stride(1) == 1 and xc.stride(1) == 1 and z.stride(1) == 1
+    return M, Kdim, d, x_w.shape[0]
+
+
 def norm_in_proj_conv_xproj(residual, norm_w, eps, in_w, in_b, conv_state, conv_w, conv_b, x_w, xc, z, xdbl,
                             block_n: int = 32, block_k: int = 128, num_warps: int = 4, num_stages: int = 3) -> None:
     """Small-batch fused front half of a layer (see above). residual [M, d_model] (read only); conv_state
     [M, d, K] updated in place; xc, z [M, d] written; xdbl [M, R + 2N] fp32 must be zero on entry (accumulated)."""
-    M, Kdim = residual.shape
-    d = conv_w.shape[0]
-    XD = x_w.shape[0]
-    assert M <= 64 and d % block_n == 0 and in_w.is_contiguous() and x_w.is_contiguous()
-    assert conv_state.stride(2) == 1 and conv_state.stride(1) == conv_w.shape[1] and conv_w.is_contiguous()
-    assert xdbl.dtype == torch.float32 and xdbl.stride(1) == 1 and xc.stride(1) == 1 and z.stride(1) == 1
+    M, Kdim, d, XD = _front_shapes(residual, in_w, conv_state, conv_w, x_w, xc, z, xdbl, block_n, max_rows=64)
     block_m = max(16, triton.next_power_of_2(M))
     grid = (2 * d // block_n,)
     _norm_in_proj_kernel[grid](
@@ -441,12 +446,7 @@ def _gemv_front_kernel(res_ptr, g_ptr, w_ptr, b_ptr, cw_ptr, cb_ptr, conv_ptr, w
 def gemv_front(residual, norm_w, eps, in_w, in_b, conv_state, conv_w, conv_b, x_w, xc, z, xdbl,
                block_n: int = 8, num_warps: int = 4) -> None:
     """Same contract as :func:`norm_in_proj_conv_xproj` (reference: ``norm_in_proj_conv_xproj_ref``); M ≤ 8."""
-    M, Kdim = residual.shape
-    d = conv_w.shape[0]
-    XD = x_w.shape[0]
-    assert M <= 8 and d % block_n == 0 and in_w.is_contiguous() and x_w.is_contiguous()
-    assert conv_state.stride(2) == 1 and conv_state.stride(1) == conv_w.shape[1] and conv_w.is_contiguous()
-    assert xdbl.dtype == torch.float32 and xdbl.stride(1) == 1 and xc.stride(1) == 1 and z.stride(1) == 1
+    M, Kdim, d, XD = _front_shapes(residual, in_w, conv_state, conv_w, x_w, xc, z, xdbl, block_n, max_rows=8)
     _gemv_front_kernel[(2 * d // block_n,)](
         residual, norm_w, in_w, in_b if in_b is not None else in_w, conv_w, conv_b if conv_b is not None else conv_w,
         conv_state, x_w, xc, z, xdbl, d, XD, eps,
