@@ -3,15 +3,17 @@
 # b=1/8/64, prefill 2,048) of two source trees, interleaved old, new, old, new … so that drift of the machine hits
 # both alike; then each side's figures (median over its rounds) side by side with the change in %.
 #   OUT=/tmp/o ROUNDS=2 bash scripts/gpu_ab_bench.sh OLD_TREE NEW_TREE
-# Writes $OUT/bench_{old,new}_<round>.json and $OUT/ab.txt (the table). BATCHES, BENCH_TIMEOUT_S override.
+# Writes $OUT/bench_{old,new}_<round>.json and $OUT/ab.txt (the table, over every bench_*.json in $OUT: a second
+# call with FIRST_ROUND=2 adds rounds). BATCHES, BENCH_TIMEOUT_S override.
 set -o pipefail
 OLD=$(cd "$1" && pwd) NEW=$(cd "$2" && pwd)
 OUT=${OUT:-/tmp/gpu_ab_out}
 ROUNDS=${ROUNDS:-2}
+FIRST_ROUND=${FIRST_ROUND:-1}
 BATCHES=${BATCHES:-1,8,64}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-for r in $(seq 1 "$ROUNDS"); do
+for r in $(seq "$FIRST_ROUND" $((FIRST_ROUND + ROUNDS - 1))); do
   for side in old new; do
     tree=$OLD; [ $side = new ] && tree=$NEW
     echo "== round $r $side ($tree)"
