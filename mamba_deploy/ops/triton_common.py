@@ -1,4 +1,4 @@
-"""Device helpers shared by the Triton kernels of ops/triton_scan.py and ops/triton_decode.py.
+"""Device helpers shared by the Triton kernels of ops/triton_scan.py, ops/triton_decode.py and ops/triton_ssd.py.
 
 Each is a ``@triton.jit`` function (inlined into the calling kernel, so sharing costs nothing at run time), in fp32:
 

@@ -43,7 +43,6 @@ The reference next to it: a float64 sequential recurrence (the tests' ``ssd_refe
 from __future__ import annotations
 
 import math
-import os
 import dataclasses
 from dataclasses import dataclass
 
@@ -51,25 +50,13 @@ import torch
 import triton
 import triton.language as tl
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
+from .triton_common import interpreting, loop_bound, softplus
 
 # ----------------------------------------------------------------------------------------------- device helpers
 
-@triton.jit
-def _softplus(x):
-    """softplus with torch's threshold 20; log1p written out (Kahan) so small exp(x) keeps its precision."""
-    e = tl.exp(tl.minimum(x, 20.0))
-    w = 1.0 + e
-    log1p = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
-    return tl.where(x > 20.0, x, log1p)
-
-
 # Triton's interpreter multiplies bf16 operands of tl.dot as raw integers; it gets them as fp32 instead (the same
 # products: bf16 × bf16 is exact in fp32).
-_BF16_DOT_AS_FP32 = tl.constexpr(_interpreting())
+_BF16_DOT_AS_FP32 = tl.constexpr(interpreting())
 
 
 @triton.jit
@@ -92,7 +79,7 @@ def _dt_from_raw(raw, bias, dt_min, dt_max, HAS_BIAS: tl.constexpr, SOFTPLUS: tl
     if HAS_BIAS:
         v = v + bias
     if SOFTPLUS:
-        sp = _softplus(v)
+        sp = softplus(v)
         deriv = tl.where(v > 20.0, 1.0, tl.sigmoid(v))
     else:
         sp = v
@@ -104,7 +91,7 @@ def _dt_from_raw(raw, bias, dt_min, dt_max, HAS_BIAS: tl.constexpr, SOFTPLUS: tl
 def _no_spec(*names):
     """Size arguments compiled as runtime values (one compiled variant per tile/dtype/flags, whatever the sizes);
     the interpreter takes no such list."""
-    return dict(do_not_specialize=[] if _interpreting() else list(names))
+    return dict(do_not_specialize=[] if interpreting() else list(names))
 
 
 # ----------------------------------------------------------------------------------------------- forward kernels
@@ -420,12 +407,6 @@ def _p2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _loop_bound(n: int):
-    """The chunk count as the kernels' loop bound. Under the interpreter it goes in as a constexpr: Triton 3.6's
-    interpreter wraps int arguments as 1-element arrays, which ``range()`` cannot take with numpy >= 2.5."""
-    return tl.constexpr(n) if _interpreting() else n
-
-
 def _check_inputs(x, dt, A, B, C, D, dt_bias, initial_state, chunk_size):
     if x.dim() != 4:
         raise ValueError(f"x must be [batch, L, nheads, headdim]; got {tuple(x.shape)}")
@@ -479,7 +460,7 @@ def _fwd(x, dt, A, B, C, D, dt_bias, h0, softplus, dt_limit, cfg: SSDConfig):
     hin = torch.empty_like(states, dtype=x.dtype) if cfg.lowp_states and x.dtype != torch.float32 else states
     BLOCK = min(1024, triton.next_power_of_2(P * N))
     _state_passing_fwd_kernel[(triton.cdiv(P * N, BLOCK), batch, H)](
-        states, hin, acs, h0 if h0 is not None else hT, hT, P * N, H, _loop_bound(nc),
+        states, hin, acs, h0 if h0 is not None else hT, hT, P * N, H, loop_bound(nc),
         HAS_H0=h0 is not None, Q=Q, BLOCK=BLOCK)
     states = hin
     y = torch.empty_like(x)
@@ -510,7 +491,7 @@ def _bwd(x, dt, A, B, C, D, dt_bias, softplus, dt_limit, dt_out, acs, states, dy
     dlast = torch.empty(n_blocks, batch, H, nc, **f32)
     dh0 = torch.empty(batch, H, P, N, **f32)
     _state_passing_bwd_kernel[(n_blocks, batch, H)](
-        adj, states, acs, dhT if dhT is not None else dh0, dh0, dlast, batch, P * N, H, _loop_bound(nc),
+        adj, states, acs, dhT if dhT is not None else dh0, dh0, dlast, batch, P * N, H, loop_bound(nc),
         HAS_DHT=dhT is not None, Q=Q, BLOCK=BLOCK)
     dlast = dlast.sum(0)
     dx = torch.empty_like(x)
