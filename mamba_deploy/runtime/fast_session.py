@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..families import weight_table
 from ..model import MambaLM, MambaState
 from ..ops import triton_decode as td
 from ..ops.triton_scan import ScanConfig, selective_scan_triton_fwd
@@ -42,6 +43,7 @@ DECODE_PATHS = ("general", "general-fused", "small", "gemv")
 
 @dataclasses.dataclass
 class _LayerWeights:
+    """One layer's operands of the decode/prefill kernels, taken from the family's weight table."""
     norm_w: torch.Tensor
     in_w: torch.Tensor
     in_b: torch.Tensor | None
@@ -49,11 +51,47 @@ class _LayerWeights:
     conv_b: torch.Tensor | None
     x_w: torch.Tensor
     dt_w: torch.Tensor          # [d_inner, dt_rank]
-    dt_b: torch.Tensor          # fp32
-    A: torch.Tensor             # −exp(A_log), fp32 [d_inner, N]
-    D: torch.Tensor             # fp32
+    dt_b: torch.Tensor
+    A: torch.Tensor             # −exp(A_log) [d_inner, N]
+    D: torch.Tensor
     out_w: torch.Tensor
     out_b: torch.Tensor | None
+
+
+# the kernels' operand for each row of one layer in the weight table (families/mamba1/weights.py), by the row's
+# name within the layer; rows a config lacks (optional biases) stay None
+_OPERANDS = {"norm.weight": "norm_w", "mixer.in_proj.weight": "in_w", "mixer.in_proj.bias": "in_b",
+             "mixer.conv1d.weight": "conv_w", "mixer.conv1d.bias": "conv_b", "mixer.x_proj.weight": "x_w",
+             "mixer.dt_proj.weight": "dt_w", "mixer.dt_proj.bias": "dt_b", "mixer.A_log": "A", "mixer.D": "D",
+             "mixer.out_proj.weight": "out_w", "mixer.out_proj.bias": "out_b"}
+_LAYER_PREFIX = "backbone.layers."
+
+
+def kernel_weights(model: MambaLM) -> tuple[dict[str, torch.Tensor], list[_LayerWeights]]:
+    """Every tensor the fast path's kernels read, from the family's weight table (``families.weight_table``):
+    each in the form and dtype the ONNX artifact stores it (``Weight.artifact_tensor``: A = −exp(A_log); the rows
+    the reference upcasts before use — norms, conv, δ bias, D — in fp32, the projections in the model's dtype),
+    contiguous. Returns ({"embedding", "norm_f", "lm_head"}, per-layer operands). Raises UserError for a model
+    family whose table has rows these Mamba-1 kernels have no operand for."""
+    if getattr(model.config, "family", "mamba1") != "mamba1":
+        raise UserError(f"backend torch-fast runs the mamba1 family only (this model: {model.config.family}); "
+                        "use --backend torch")
+    layers = [dict.fromkeys(_OPERANDS.values()) for _ in range(model.config.n_layer)]
+    shared = {}
+    for w in weight_table(model.config):
+        t = w.artifact_tensor(model.get_parameter(w.name), model.dtype).contiguous()
+        if w.name.startswith(_LAYER_PREFIX):
+            i, rest = w.name[len(_LAYER_PREFIX):].split(".", 1)
+            if rest not in _OPERANDS:
+                raise UserError(f"backend torch-fast has no kernel operand for weight {w.name}; use --backend torch")
+            layers[int(i)][_OPERANDS[rest]] = t
+        else:
+            shared[{"backbone.embedding.weight": "embedding", "backbone.norm_f.weight": "norm_f",
+                    "lm_head.weight": "lm_head"}[w.name]] = t
+    shared.setdefault("lm_head", shared["embedding"])                     # tied: no lm_head row
+    for op in layers:
+        op["conv_w"] = op["conv_w"].view(op["conv_w"].shape[0], -1)          # [d_inner, 1, d_conv] → [d_inner, d_conv]
+    return shared, [_LayerWeights(**op) for op in layers]
 
 
 @dataclasses.dataclass
@@ -138,17 +176,8 @@ class FastDecoder:
         self.eps = c.norm_eps
         self.residual_dtype = torch.float32 if c.residual_in_fp32 else model.dtype
         self.plans: dict[int, DecodePlan] = {}           # batch → how it is decoded (FastSession chooses)
-        self.embedding = model.backbone.embedding.weight
-        self.norm_f = model.backbone.norm_f.weight
-        self.lm_head = model.lm_head.weight
-        self.layers = []
-        for layer in model.backbone.layers:
-            m = layer.mixer
-            self.layers.append(_LayerWeights(
-                norm_w=layer.norm.weight, in_w=m.in_proj.weight.contiguous(), in_b=m.in_proj.bias,
-                conv_w=m.conv1d.weight[:, 0, :].contiguous(), conv_b=m.conv1d.bias,
-                x_w=m.x_proj.weight.contiguous(), dt_w=m.dt_proj.weight.contiguous(), dt_b=m.dt_proj.bias.float(),
-                A=m.A().contiguous(), D=m.D.float(), out_w=m.out_proj.weight.contiguous(), out_b=m.out_proj.bias))
+        shared, self.layers = kernel_weights(model)
+        self.embedding, self.norm_f, self.lm_head = shared["embedding"], shared["norm_f"], shared["lm_head"]
 
     def candidate_paths(self, batch: int, decode_path: str = "auto") -> list[str]:
         """The decode paths to try for ``batch`` rows, the default first. "auto": the ones worth timing (at
