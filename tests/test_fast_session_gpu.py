@@ -234,6 +234,33 @@ def test_kernels_match_references_fp16(M):
     torch.cuda.synchronize()
 
 
+@needs_cuda
+@pytest.mark.parametrize("M", [1, 8])
+def test_gemv_front_is_repeatable(M):
+    """The GEMV front half gives the same x_proj accumulators on every run (up to the order of its fp32 atomics),
+    at the 370m shape: its tiles are smaller than the program's threads, so warps hold copies of each conv
+    channel, and a warp that read a conv tap after another warp had shifted it would feed a wrong conv output
+    into x_proj (while the stored xc and state stay right). 200 runs from the same state."""
+    from mamba_deploy.ops import triton_decode as td
+    torch.manual_seed(100 + M)
+    dev, f16 = "cuda", torch.float16
+    dm, d, K, R, N = 1024, 2048, 4, 64, 16
+    r = torch.randn(M, dm, device=dev)
+    g = 1 + 0.1 * torch.randn(dm, device=dev, dtype=f16)
+    inw = (torch.randn(2 * d, dm, device=dev) / 32).to(f16)
+    xw = (torch.randn(R + 2 * N, d, device=dev) / 45).to(f16)
+    st = torch.randn(M, d, K, device=dev, dtype=f16)
+    cw, cb = 0.5 * torch.randn(d, K, device=dev, dtype=f16), 0.5 * torch.randn(d, device=dev, dtype=f16)
+    _, _, racc, _ = td.norm_in_proj_conv_xproj_ref(r, g, 1e-5, inw, None, st, cw, cb, xw)
+    xc, z = torch.empty(M, d, device=dev, dtype=f16), torch.empty(M, d, device=dev, dtype=f16)
+    accs = torch.zeros(200, M, R + 2 * N, device=dev)
+    for i in range(200):
+        td.gemv_front(r, g, 1e-5, inw, None, st.clone(), cw, cb, xw, xc, z, accs[i])
+    spread = max(rel(a, accs[0]) for a in accs)
+    assert spread < 1e-5, f"runs differ by {spread:.2e} (relative): a race, not the order of fp32 additions"
+    assert rel(accs[0], racc) < 5e-3
+
+
 @pytest.fixture(scope="module")
 def models_370m():
     from mamba_deploy.config import config_for_size

@@ -55,7 +55,12 @@ def conv_shift_taps(s_ptrs, x_new, w_ptrs, mask, w_mask, KCONV: tl.constexpr):
 
     ``s_ptrs``: pointers to tap 0 of the state (taps contiguous, stride 1), any tile shape; ``x_new``: the new
     input, that shape; ``w_ptrs``: pointers to tap 0 of the weights (taps contiguous), broadcastable to it;
-    ``mask`` / ``w_mask``: masks of the state and the weight loads (``None``: unmasked)."""
+    ``mask`` / ``w_mask``: masks of the state and the weight loads (``None``: unmasked).
+
+    A barrier separates each tap's load from its store: where the tile is smaller than the program's threads,
+    several warps hold copies of an element, and without it one warp could store s[j + 1] (the next tap's shift)
+    before another has loaded it for tap j — that warp's copy of the conv output (which may feed a later
+    reduction, e.g. the fused x_proj) would then be off by one tap."""
     acc = tl.zeros(x_new.shape, dtype=tl.float32)
     for j in tl.static_range(KCONV):
         if j < KCONV - 1:
@@ -63,6 +68,7 @@ def conv_shift_taps(s_ptrs, x_new, w_ptrs, mask, w_mask, KCONV: tl.constexpr):
                 s = tl.load(s_ptrs + (j + 1))
             else:
                 s = tl.load(s_ptrs + (j + 1), mask=mask, other=0.0)
+            tl.debug_barrier()
         else:
             s = x_new.to(s_ptrs.dtype.element_ty)
         tl.store(s_ptrs + j, s, mask=mask)
