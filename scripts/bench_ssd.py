@@ -68,21 +68,8 @@ def save(path: Path, res: dict) -> None:
 
 def kernel_breakdown(fn, reps: int = 5) -> dict:
     """Where the time goes: GPU time per kernel name (µs per call, mean over ``reps`` calls) from torch.profiler."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    out = {}
-    for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None)
-        if t is None:
-            t = getattr(ev, "cuda_time_total", 0.0)
-        if t:
-            out[ev.key[:80]] = round(t / reps, 2)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    from mamba_deploy.bench import profile_kernels
+    return {r["name"][:80]: round(r["us_per_iter"], 2) for r in profile_kernels(fn, reps)}
 
 
 def plugin_timings(H, P, G, N, L) -> dict:
