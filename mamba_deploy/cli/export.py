@@ -18,10 +18,13 @@ from .options import allow_nonfinite_option, dtype_option, model_option
               help="Default-domain ONNX opset (18 or newer that the artifact's IR version allows) [default: 18].")
 @click.option("--all-logits", is_flag=True,
               help="prefill.onnx returns the logits of every position [batch, seq, vocab] instead of the last one.")
+@click.option("--prefill-scan", type=click.Choice(["chunked", "sequential"]), default="chunked", show_default=True,
+              help="The prefill scan's algorithm in prefill.onnx: chunked (≈ 3·√L loop iterations, all chunks at "
+                   "once) or sequential (one loop iteration per token).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is an artifact mamba-deploy wrote (the "
                                             "old one stays until the new one is complete).")
 @allow_nonfinite_option
-def command(model_ref, out_dir, dtype, opset, all_logits, force, allow_nonfinite):
+def command(model_ref, out_dir, dtype, opset, all_logits, prefill_scan, force, allow_nonfinite):
     """Export a Mamba-1 checkpoint to an ONNX artifact that ONNX Runtime and TensorRT run.
 
     \b
@@ -46,7 +49,8 @@ def command(model_ref, out_dir, dtype, opset, all_logits, force, allow_nonfinite
         click.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
 
     out = export(model_ref, out_dir, dtype=dtype, opset=opset or contract.DEFAULT_OPSET, all_logits=all_logits,
-                 force=force, progress=progress, allow_nonfinite=allow_nonfinite)
+                 force=force, progress=progress, allow_nonfinite=allow_nonfinite,
+                 prefill_scan=prefill_scan)
     from ..artifact import read_manifest
     m = read_manifest(out)
     size = sum(f["bytes"] for f in m["files"].values())

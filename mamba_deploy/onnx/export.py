@@ -33,7 +33,7 @@ from ..errors import UserError
 from ..families import family_of, weight_table
 from ..model import MambaLM
 from . import contract
-from .functions import functions
+from .functions import SCAN_ALGORITHMS, functions
 
 ALIGN = 4096                       # page-aligned offsets let runtimes memory-map the weights
 INT_MAX = 2**62
@@ -53,6 +53,12 @@ def check_opset(opset: int) -> int:
         raise UserError(f"--opset {opset} is not supported; choose {MIN_OPSET}…{max_opset()} (IR version "
                         f"{contract.IR_VERSION})")
     return opset
+
+
+def check_prefill_scan(name: str) -> str:
+    if name not in SCAN_ALGORITHMS:
+        raise UserError(f"unknown prefill scan {name!r}; choose one of {', '.join(SCAN_ALGORITHMS)}")
+    return name
 
 
 # ---- weights ---------------------------------------------------------------------------------------------------
@@ -90,8 +96,9 @@ class WeightStore:
 class GraphBuilder:
     """Nodes of one graph; ``op`` appends a node and returns its output name(s)."""
 
-    def __init__(self, weights: WeightStore):
+    def __init__(self, weights: WeightStore, prefill_scan: str = "chunked"):
         self.weights = weights
+        self.prefill_scan = prefill_scan
         self.nodes: list[onnx.NodeProto] = []
         self.used: dict[str, None] = {}
         self.count = 0
@@ -128,7 +135,7 @@ class GraphBuilder:
             graph, ir_version=contract.IR_VERSION, producer_name=artifact.EXPORTER_NAME, producer_version=__version__,
             opset_imports=[helper.make_opsetid("", opset),
                            helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)],
-            functions=[f for f in functions(opset) if f.name in used_ops])
+            functions=[f for f in functions(opset, self.prefill_scan) if f.name in used_ops])
 
 
 class LMGraphs:
@@ -205,9 +212,10 @@ class LMGraphs:
         self._head(g, residual, "logits")
         return g.model("mamba_step", self.io("step", False)[0], self.io("step", False)[1], opset)
 
-    def prefill_graph(self, weights: WeightStore, opset: int, all_logits: bool) -> onnx.ModelProto:
+    def prefill_graph(self, weights: WeightStore, opset: int, all_logits: bool,
+                      prefill_scan: str = "chunked") -> onnx.ModelProto:
         c = self.cfg
-        g = GraphBuilder(weights)
+        g = GraphBuilder(weights, prefill_scan)
         self._eps(g)
         shape_bl = g.op("Shape", ["input_ids"], "shape_bl")                                      # [b, L]
         flat_ids = g.op("Reshape", ["input_ids", g.ints([-1])], "ids_flat")
@@ -287,12 +295,14 @@ def copy_tokenizer(model: MambaLM, out_dir: Path) -> list[str]:
 
 
 def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_OPSET, all_logits: bool = False,
-                   source: dict | None = None, progress=None) -> dict:
+                   source: dict | None = None, progress=None, prefill_scan: str = "chunked") -> dict:
     """Write the artifact of ``model`` (in its own dtype) into the existing, empty directory ``out_dir``.
+    ``prefill_scan``: SelectiveScan's function body, "chunked" (≈ 3√L loop iterations) or "sequential" (L).
     Returns the manifest. ``progress(message)`` is called between stages; tqdm bars show the weights."""
     from tqdm.auto import tqdm
 
     check_opset(opset)
+    check_prefill_scan(prefill_scan)
     say = progress or (lambda msg: None)
     out_dir = Path(out_dir)
     act_dtype = model.dtype
@@ -314,7 +324,7 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
     builder = family.graph_emitter()(model, weights, act.onnx)
     graphs, used = {}, {}
     for graph, build in (("step", lambda: builder.step_graph(weights, opset)),
-                         ("prefill", lambda: builder.prefill_graph(weights, opset, all_logits))):
+                         ("prefill", lambda: builder.prefill_graph(weights, opset, all_logits, prefill_scan))):
         say(f"building {graph} graph")
         proto = build()
         file = artifact.GRAPH_FILES[graph]
@@ -332,7 +342,8 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
         {"domain": contract.DOMAIN, "op_type": op, "version": contract.DOMAIN_VERSION,
          "attributes": dict(contract.OPS[op].attributes), "function": True,
          "plugin": {"name": op, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
-         "graph": graph, "count": count}
+         "graph": graph, "count": count,
+         **({"algorithm": prefill_scan} if op == contract.SELECTIVE_SCAN.op_type else {})}
         for graph, counts in used.items() for op, count in counts.items()]
     manifest = artifact.build_manifest(
         config=cfg, family=family, act_dtype=act_dtype, graphs=graphs, custom_ops=custom_ops,
@@ -346,7 +357,8 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
 
 
 def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, all_logits: bool = False,
-           force: bool = False, progress=None, allow_nonfinite: bool = False) -> Path:
+           force: bool = False, progress=None, allow_nonfinite: bool = False,
+           prefill_scan: str = "chunked") -> Path:
     """Load checkpoint ``ref`` (a local dir or hub id) and write its artifact to ``out_dir`` atomically
     (default ``export/<model-name>``). Refuses an existing ``out_dir`` unless ``force``."""
     from ..artifact import is_our_artifact, parse_dtype
@@ -354,6 +366,7 @@ def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, a
     from ..io import atomic_directory
 
     check_opset(opset)
+    check_prefill_scan(prefill_scan)
     out = Path(out_dir) if out_dir is not None else Path("export") / model_name(str(ref))
     say = progress or (lambda msg: None)
     say(f"loading {ref}")
@@ -369,5 +382,6 @@ def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, a
             "bf16 kernels and cannot run it (--dtype fp16 or fp32 for CPU)")
     source = source_ref(model, ref)
     with target as tmp:
-        write_artifact(model, tmp, opset=opset, all_logits=all_logits, source=source, progress=progress)
+        write_artifact(model, tmp, opset=opset, all_logits=all_logits, source=source, progress=progress,
+                       prefill_scan=prefill_scan)
     return out

@@ -30,11 +30,50 @@ def _ort_element_type(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
 
 
+# Session settings on the CPU: ``default`` is ONNX Runtime's own; ``decode`` is what bench/bench_ort_cpu.py
+# measured best for token-by-token decode (and no worse for prefill): one inter-op thread and sequential
+# execution (the graph is a chain), memory patterns and the arena kept (decode shapes repeat every step),
+# weights pre-packed for MLAS at load, worker threads that spin between the many small ops of a step, and
+# denormals flushed to zero (exp(δ·A) of long, strongly decaying channels underflows into them).
+CPU_SETTINGS: dict[str, dict] = {
+    "default": {"options": {}, "config": {}},
+    "decode": {
+        "options": {"inter_op_num_threads": 1, "execution_mode": "ORT_SEQUENTIAL", "enable_mem_pattern": True,
+                    "enable_cpu_mem_arena": True, "graph_optimization_level": "ORT_ENABLE_ALL"},
+        "config": {"session.disable_prepacking": "0", "session.intra_op.allow_spinning": "1",
+                   "session.set_denormal_as_zero": "1"},
+    },
+}
+
+
+def cpu_session_options(threads: int | None = None, settings: str = "decode"):
+    """``onnxruntime.SessionOptions`` for the CPU: ``threads`` intra-op threads (None: ONNX Runtime picks, one
+    per physical core) and the named ``CPU_SETTINGS`` entry. Raises UserError for an unknown name."""
+    import onnxruntime as ort
+
+    if settings not in CPU_SETTINGS:
+        raise UserError(f"unknown ONNX Runtime settings {settings!r}; choose one of {', '.join(CPU_SETTINGS)}")
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only (the CUDA EP warns about every CPU-placed shape op)
+    if threads:
+        options.intra_op_num_threads = threads
+    for key, value in CPU_SETTINGS[settings]["options"].items():
+        if key == "execution_mode":
+            value = getattr(ort.ExecutionMode, value)
+        elif key == "graph_optimization_level":
+            value = getattr(ort.GraphOptimizationLevel, value)
+        setattr(options, key, value)
+    for key, value in CPU_SETTINGS[settings]["config"].items():
+        options.add_session_config_entry(key, value)
+    return options
+
+
 class OrtSession(Session):
     backend = "onnxruntime"
 
     def __init__(self, artifact_dir, device="cpu", verify: bool = True, use_tf32: bool = False,
-                 threads: int | None = None, cuda_options: dict | None = None, prefill_chunk: int = 2048):
+                 threads: int | None = None, cuda_options: dict | None = None, prefill_chunk: int = 2048,
+                 settings: str = "decode"):
         """``prefill_chunk``: prompts run through prefill.onnx in pieces of at most this many tokens (the graph
         takes the state the previous piece left), so memory is bounded by the chunk, not the prompt."""
         import onnxruntime as ort
@@ -60,10 +99,7 @@ class OrtSession(Session):
                                 f"the graph contract (differ in {sorted(names ^ want)[:4]}); export it again")
 
         self.device = torch.device(device)
-        self.options = ort.SessionOptions()
-        self.options.log_severity_level = 3  # errors only (the CUDA EP warns about every CPU-placed shape op)
-        if threads:
-            self.options.intra_op_num_threads = threads
+        self.options = cpu_session_options(threads, settings)
         if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise UserError("device cuda needs onnxruntime-gpu (CUDAExecutionProvider is not available: "
@@ -164,7 +200,7 @@ class OrtSession(Session):
 
 
 def open_ort_session(source, device="cpu", verify: bool = True, use_tf32: bool = False, threads=None,
-                     cuda_options=None, prefill_chunk: int = 2048, **_) -> OrtSession:
+                     cuda_options=None, prefill_chunk: int = 2048, settings: str = "decode", **_) -> OrtSession:
     """``source``: an artifact directory (from ``mamba-deploy export``)."""
     if not isinstance(source, (str, Path)):
         raise UserError(f"the onnxruntime backend runs an exported artifact directory, not a "
@@ -173,4 +209,4 @@ def open_ort_session(source, device="cpu", verify: bool = True, use_tf32: bool =
         raise UserError(f"the onnxruntime backend runs an exported artifact, and {source} is not one (no "
                         f"{MANIFEST}); export it first with `mamba-deploy export --model {source}`")
     return OrtSession(source, device=device, verify=verify, use_tf32=use_tf32, threads=threads,
-                      cuda_options=cuda_options, prefill_chunk=prefill_chunk)
+                      cuda_options=cuda_options, prefill_chunk=prefill_chunk, settings=settings)
