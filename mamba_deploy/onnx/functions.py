@@ -216,8 +216,6 @@ def _chunked_scan(b: _Body, dt: str, dtx: str, B32: str, C32: str, A: str, h0: s
     shape = b.op("Shape", [dt], "shape_bld")                                             # [b, L, d]
     L = b.op("Slice", [shape, b.const_ints([1]), b.const_ints([2])], "L")
     sqrt_l = b.op("Sqrt", [b.op("Cast", [L], "L_f", to=f32)], "sqrtL")             # exact for L < 2^24
-    if _EXP["scale"] != 1:
-        sqrt_l = b.op("Mul", [sqrt_l, b.op("Constant", [], "sc", value=helper.make_tensor("sc", f32, [], [_EXP["scale"]]))], "scaled")
     T = b.op("Cast", [b.op("Ceil", [sqrt_l], "ceil")], "T", to=i64)                      # chunk length ⌈√L⌉
     nc = b.op("Div", [b.op("Sub", [b.op("Add", [L, T], "L_T"), b.const_ints([1])], "L_T_1"), T], "nc")
     padded = b.op("Mul", [nc, T], "ncT")
@@ -255,7 +253,6 @@ def _chunked_scan(b: _Body, dt: str, dtx: str, B32: str, C32: str, A: str, h0: s
     return b.op("Slice", [y, b.const_ints([0]), L, axis1], "y")                         # [b, L, d]
 
 
-_EXP = {'scale': 1}
 SCAN_ALGORITHMS = {"chunked": _chunked_scan, "sequential": _sequential_scan}
 
 
