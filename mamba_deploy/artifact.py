@@ -22,6 +22,7 @@ Manifest layout (``format_version`` = ``FORMAT_VERSION``)::
     onnx {ir_version, opset, domain, domain_version}
     custom_ops [{domain, op_type, version, attributes, plugin {name, version, namespace}, graph, count}]
     graphs {step|prefill: {file, inputs [{name, shape, dtype}], outputs […], all_logits (prefill)}}
+    quantization (null, or {scheme int8|int4, bits, format matmulnbits|qdq, block_size, …}: onnx/quantize.py)
     external_data (the weights file both graphs share), files {name: {sha256, bytes}}
 
 Shapes use the symbolic names below for dynamic axes and integers otherwise.
@@ -142,11 +143,28 @@ def from_trt(member_name: str) -> DType:
 #   residual stream fp32; tiny models on ONNX Runtime CPU stay within 5e-4 of fp32 logits (|logit| ≤ 0.7).
 # Measured on ONNX Runtime CPU, 370m-shaped random model, 16-token prefill + 4 steps vs fp32 PyTorch
 # (|logit| ≤ 9.4): fp32 artifact 3.5e-6, fp16 artifact 3.1e-3 max abs error.
+# * int8 / int4: weight-only quantized artifacts (onnx/quantize.py; fp32 activations, SSM and state), keyed by the
+#   manifest's ``quantization.scheme`` instead of the dtype (``tolerance_key``). Rounding the weights moves every
+#   output by a fraction of its own scale, so their atol is relative (RELATIVE_ATOL): a fraction of max |reference
+#   output| of each output in each iteration (check only; an --atol given is absolute). Max error / max |reference|
+#   over a 32-token prefill + 32 steps, logits / conv state / SSM state: tiny random model int8 0.02 / 0.011 /
+#   0.02, int4 0.13 / 0.10 / 0.18; 130m-shaped random model int8 0.016 / 0.043 / 0.081, int4 0.089 / 0.26 / 0.37.
+#   One layer's out_proj weight ×1.5 (int8) or ×3 (int4) in the tiny model moves the logits by 0.22 / 0.52 of
+#   their max and fails (tests/test_quantize.py).
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
     "fp32": (1e-5, 1e-4),
     "fp16": (5e-3, 1e-2),
     "bf16": (4e-2, 5e-2),
+    "int8": (0.1, 0.1),
+    "int4": (0.4, 0.5),
 }
+RELATIVE_ATOL = frozenset({"int8", "int4"})   # rows whose atol is a fraction of max |reference output|
+
+
+def tolerance_key(manifest: dict) -> str:
+    """The DEFAULT_TOLERANCES row of an artifact: its quantization scheme if quantized, else its dtype."""
+    quant = manifest.get("quantization")
+    return quant["scheme"] if quant else manifest["dtype"]
 
 
 def within(actual, reference, dtype: str, tolerances: dict | None = None) -> bool:

@@ -159,8 +159,10 @@ def _group(name: str) -> str:
 
 def run_check(reference, backends: dict, *, steps: int, prompt_len: int, batch: int, seed: int, atol: float,
               rtol: float, vocab_size: int, step0_dir: Path | None = None, state_dtype=None,
-              progress: bool = True) -> CheckResult:
-    """Run the rollout, compare every iteration, and summarise per backend and output."""
+              progress: bool = True, atol_relative: bool = False) -> CheckResult:
+    """Run the rollout, compare every iteration, and summarise per backend and output. ``atol_relative``: atol is
+    a fraction of each reference output's largest magnitude in that iteration (weight-only quantization moves
+    every output by a fraction of its own scale), else absolute."""
     from tqdm import tqdm
 
     compare_func = _compare_func(atol, rtol)
@@ -173,6 +175,9 @@ def run_check(reference, backends: dict, *, steps: int, prompt_len: int, batch: 
     it = rollout(reference, backends, steps, prompt_len, batch, seed, vocab_size, on_step0=on_step0)
     for label, outputs in tqdm(it, total=steps + 1, desc="rollout", unit="step", disable=not progress,
                                leave=False):
+        if atol_relative:
+            compare_func = _compare_func({k: atol * float(np.abs(v).max(initial=0.0))
+                                          for k, v in outputs[REFERENCE].items()}, rtol)
         cmp = compare_iteration(outputs, compare_func)
         ref_tok = outputs[REFERENCE]["logits"][:, :vocab_size].argmax(-1)
         for name, per_out in cmp.items():
@@ -202,6 +207,8 @@ def run_check(reference, backends: dict, *, steps: int, prompt_len: int, batch: 
     report = {
         "steps": steps, "prompt_len": prompt_len, "batch": batch, "seed": seed,
         "tolerance": {"atol": atol, "rtol": rtol,
+                      **({"atol_relative_to": "max |reference output|, per output and iteration"} if atol_relative
+                         else {}),
                       "rule": "polygraphy simple/elemwise: an element fails if |x - ref| > atol and "
                               "|x - ref| / |ref| > rtol"},
         "backends": per_backend,
@@ -247,7 +254,7 @@ def format_table(report: dict) -> str:
     """Per backend and output: max abs/rel error over all iterations, tolerance, PASSED/FAILED (Polygraphy-like).
     Per-layer state outputs are grouped (worst layer shown); the JSON report keeps each."""
     tol = report["tolerance"]
-    tol_s = f"atol={tol['atol']:g} rtol={tol['rtol']:g}"
+    tol_s = f"atol={tol['atol']:g}{'×max|ref|' if tol.get('atol_relative_to') else ''} rtol={tol['rtol']:g}"
     lines = []
     for name, b in report["backends"].items():
         lines.append(f"[{name} vs {REFERENCE}] {report['steps']} steps after a {report['prompt_len']}-token "

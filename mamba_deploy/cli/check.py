@@ -52,7 +52,8 @@ def command(artifact, model_ref, backends, max_new_tokens, prompt_len, batch, se
     """
     import torch
 
-    from ..artifact import CHECK_DIR, CHECK_PLOT, CHECK_REPORT, DEFAULT_TOLERANCES, read_manifest
+    from ..artifact import (CHECK_DIR, CHECK_PLOT, CHECK_REPORT, DEFAULT_TOLERANCES, RELATIVE_ATOL, read_manifest,
+                            tolerance_key)
     from ..checkpoint import load_model
     from ..io import write_json
     from ..parity import format_table, polygraphy_command, run_check, write_plot
@@ -75,12 +76,14 @@ def command(artifact, model_ref, backends, max_new_tokens, prompt_len, batch, se
         raise UserError(f"artifact directory {artifact} does not exist; create it with `mamba-deploy export`")
     manifest = read_manifest(artifact)
     names = backends
-    dtype = manifest["dtype"]
+    dtype = tolerance_key(manifest)
     if dtype not in DEFAULT_TOLERANCES and (atol is None or rtol is None):
         raise UserError(f"no default tolerance for an artifact of dtype '{dtype}'; pass --atol and --rtol")
+    atol_relative = atol is None and dtype in RELATIVE_ATOL   # an --atol given is absolute
     d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, (atol, rtol))
     atol = d_atol if atol is None else atol
     rtol = d_rtol if rtol is None else rtol
+    atol_s = f"{atol:g}×max|ref|" if atol_relative else f"{atol:g}"
 
     source = model_ref or manifest["source"]["checkpoint"]
     options = {"device": device} if device else {}
@@ -98,7 +101,8 @@ def command(artifact, model_ref, backends, max_new_tokens, prompt_len, batch, se
     out = Path(out_dir) if out_dir else artifact / CHECK_DIR
     state_dtype = first.state_dtype
     result = run_check(reference, sessions, steps=steps, prompt_len=prompt_len, batch=batch, seed=seed,
-                       atol=atol, rtol=rtol, vocab_size=first.vocab_size, step0_dir=out, state_dtype=state_dtype)
+                       atol=atol, rtol=rtol, vocab_size=first.vocab_size, step0_dir=out, state_dtype=state_dtype,
+                       atol_relative=atol_relative)
     report = result.report
     report.update(artifact=str(artifact), dtype=dtype, reference={"checkpoint": str(source), "dtype": "fp32"})
     cmd = None
@@ -122,6 +126,6 @@ def command(artifact, model_ref, backends, max_new_tokens, prompt_len, batch, se
                                          if v.get("first_nonfinite_step")), None)] if first]
         if nonfinite:
             raise CheckFailed("; ".join(nonfinite) + f"; see {json_path}")
-        raise CheckFailed(f"{', '.join(failed)} exceeded the tolerance (atol={atol:g}, rtol={rtol:g}) vs the "
+        raise CheckFailed(f"{', '.join(failed)} exceeded the tolerance (atol={atol_s}, rtol={rtol:g}) vs the "
                           f"PyTorch reference; see {json_path}")
-    click.echo(f"PASSED: {', '.join(names)} match the PyTorch reference within atol={atol:g}, rtol={rtol:g}")
+    click.echo(f"PASSED: {', '.join(names)} match the PyTorch reference within atol={atol_s}, rtol={rtol:g}")

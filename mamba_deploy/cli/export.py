@@ -21,10 +21,20 @@ from .options import allow_nonfinite_option, dtype_option, model_option
 @click.option("--prefill-scan", type=click.Choice(["chunked", "sequential"]), default="chunked", show_default=True,
               help="The prefill scan's algorithm in prefill.onnx: chunked (≈ 3·√L loop iterations, all chunks at "
                    "once) or sequential (one loop iteration per token).")
+@click.option("--quantize", "scheme", type=click.Choice(["none", "int8", "int4"]), default="none", show_default=True,
+              help="Weight-only quantization of in_proj, out_proj and the LM head (the SSM, its state and the "
+                   "scan stay fp32); needs fp32 weights.")
+@click.option("--quant-format", type=click.Choice(["matmulnbits", "qdq"]), default="matmulnbits", show_default=True,
+              help="matmulnbits: ONNX Runtime's MatMulNBits kernel (CPU: int8 dot products); qdq: "
+                   "DequantizeLinear + MatMul, standard ONNX that TensorRT also builds (opset 21).")
+@click.option("--quant-block", type=int, default=None, metavar="N",
+              help="Input channels per scale: int4 32 or 128 [default: 32]; int8 matmulnbits 16…256 [128]; "
+                   "int8 qdq is per output channel (0).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is an artifact mamba-deploy wrote (the "
                                             "old one stays until the new one is complete).")
 @allow_nonfinite_option
-def command(model_ref, out_dir, dtype, opset, all_logits, prefill_scan, force, allow_nonfinite):
+def command(model_ref, out_dir, dtype, opset, all_logits, prefill_scan, scheme, quant_format, quant_block, force,
+            allow_nonfinite):
     """Export a Mamba-1 checkpoint to an ONNX artifact that ONNX Runtime and TensorRT run.
 
     \b
@@ -37,22 +47,26 @@ def command(model_ref, out_dir, dtype, opset, all_logits, prefill_scan, force, a
     ONNX function of standard ops. It is written to a temporary directory and renamed when complete.
 
     \b
-    Example:
+    Examples:
       mamba-deploy export --model state-spaces/mamba-370m --dtype fp16 --out export/mamba-370m-fp16
+      mamba-deploy export --model ckpt/m130 --quantize int4 --quant-block 32 --out export/m130-int4
+      mamba-deploy export --model ckpt/m130 --quantize int8 --quant-format qdq --out export/m130-int8-qdq
     """
-    from ..onnx import contract
     from ..onnx.export import export
+    from ..onnx.quantize import parse_quant_spec
 
     start = time.perf_counter()
 
     def progress(message):
         click.echo(f"[{time.perf_counter() - start:6.1f}s] {message}", err=True)
 
-    out = export(model_ref, out_dir, dtype=dtype, opset=opset or contract.DEFAULT_OPSET, all_logits=all_logits,
-                 force=force, progress=progress, allow_nonfinite=allow_nonfinite,
-                 prefill_scan=prefill_scan)
+    quant = parse_quant_spec(scheme, quant_format, quant_block)
+    out = export(model_ref, out_dir, dtype=dtype, opset=opset, all_logits=all_logits, force=force, progress=progress,
+                 allow_nonfinite=allow_nonfinite, prefill_scan=prefill_scan, quant=quant)
     from ..artifact import read_manifest
     m = read_manifest(out)
     size = sum(f["bytes"] for f in m["files"].values())
-    click.echo(f"wrote {out} ({m['dtype']}, {m['dims']['n_layer']} layers, opset {m['onnx']['opset']}, "
+    q = m.get("quantization")
+    kind = m["dtype"] + (f", {q['scheme']} {q['format']} block {q['block_size']}" if q else "")
+    click.echo(f"wrote {out} ({kind}, {m['dims']['n_layer']} layers, opset {m['onnx']['opset']}, "
                f"{size / 2**20:.1f} MiB) in {time.perf_counter() - start:.1f}s")

@@ -34,6 +34,7 @@ from ..families import family_of, weight_table
 from ..model import MambaLM
 from . import contract
 from .functions import SCAN_ALGORITHMS, functions
+from .quantize import QDQ_MIN_OPSET, QuantSpec, is_quantized, linear_op, quantize_weight
 
 ALIGN = 4096                       # page-aligned offsets let runtimes memory-map the weights
 INT_MAX = 2**62
@@ -59,6 +60,17 @@ def check_prefill_scan(name: str) -> str:
     if name not in SCAN_ALGORITHMS:
         raise UserError(f"unknown prefill scan {name!r}; choose one of {', '.join(SCAN_ALGORITHMS)}")
     return name
+
+
+def check_quant(quant: QuantSpec | None, act_dtype: torch.dtype, opset: int) -> None:
+    if quant is None:
+        return
+    if act_dtype != torch.float32:
+        raise UserError("--quantize quantizes fp32 weights (activations and scales stay fp32); export with "
+                        "--dtype fp32")
+    if quant.fmt == "qdq" and opset < QDQ_MIN_OPSET:
+        raise UserError(f"--quant-format qdq needs --opset {QDQ_MIN_OPSET} or newer (int4 tensors, blocked "
+                        f"DequantizeLinear); got {opset}")
 
 
 # ---- weights ---------------------------------------------------------------------------------------------------
@@ -87,6 +99,23 @@ class WeightStore:
             entry.key, entry.value = key, str(value)
         self.tensors[name] = proto
         return name
+
+    def add_quantized(self, tensor) -> str:
+        """A quantize.QuantTensor (raw bytes already in ONNX layout)."""
+        offset = -self.file.tell() % ALIGN
+        self.file.write(b"\0" * offset)
+        offset = self.file.tell()
+        self.file.write(tensor.raw)
+        proto = TensorProto()
+        proto.name = tensor.name
+        proto.data_type = tensor.data_type
+        proto.dims.extend(tensor.dims)
+        proto.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", offset), ("length", len(tensor.raw))):
+            entry = proto.external_data.add()
+            entry.key, entry.value = key, str(value)
+        self.tensors[tensor.name] = proto
+        return tensor.name
 
     def close(self):
         self.file.close()
@@ -131,10 +160,11 @@ class GraphBuilder:
         graph = helper.make_graph(self.nodes, name, inputs, outputs,
                                   initializer=[self.weights.tensors[n] for n in self.used])
         used_ops = {n.op_type for n in self.nodes if n.domain == contract.DOMAIN}
+        extra = [helper.make_opsetid("com.microsoft", 1)] if any(n.domain == "com.microsoft" for n in self.nodes) else []
         return helper.make_model(
             graph, ir_version=contract.IR_VERSION, producer_name=artifact.EXPORTER_NAME, producer_version=__version__,
             opset_imports=[helper.make_opsetid("", opset),
-                           helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)],
+                           helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)] + extra,
             functions=[f for f in functions(opset, self.prefill_scan) if f.name in used_ops])
 
 
@@ -144,16 +174,21 @@ class LMGraphs:
     ``prefill_mixer(g, h, i, shape_bl)`` (h: [b·L, d_model] flat rows → same). Activations are ``flat``
     [rows, features] (rows = b or b·L); initializer names are the weight table's ``artifact_name``."""
 
-    def __init__(self, model: MambaLM, weights: WeightStore, act: int):
+    def __init__(self, model: MambaLM, weights: WeightStore, act: int, quant: QuantSpec | None = None):
         self.cfg = model.config
         self.state_shapes = family_of(model.config).state_shapes(model.config)
+        self.quant = quant
         self.act = act
         self.rif32 = model.config.residual_in_fp32
         self.res_dtype = F32 if self.rif32 else act
         self.has_lm_head = not model.config.tie_embeddings
 
     # -- pieces ----------------------------------------------------------------------------------------------
-    def linear(self, g: GraphBuilder, x, key: str, bias: bool):
+    def linear(self, g: GraphBuilder, x, key: str, bias: bool, features: tuple[int, int] | None = None):
+        """x [rows, in] · Wᵀ (+ bias); ``features`` = (in, out), needed for a weight-only quantized layer."""
+        if self.quant is not None and is_quantized(key):
+            y = linear_op(g, x, key, *features, self.quant, key.split(".")[-1])
+            return g.op("Add", [y, f"{key}.bias"], "bias") if bias else y
         ins = [x, f"{key}.weight"] + ([f"{key}.bias"] if bias else [])
         return g.op("Gemm", ins, key.split(".")[-1], transB=1)
 
@@ -195,8 +230,11 @@ class LMGraphs:
 
     def _head(self, g: GraphBuilder, residual, out_name: str, reshape_to=None):
         hn = self.rmsnorm(g, residual, "backbone.norm_f", self.res_dtype)
-        head = "lm_head.weight" if self.has_lm_head else "backbone.embedding.weight"
-        logits = g.op("Gemm", [hn, head], "lm_head", transB=1)
+        if self.quant is not None:
+            logits = self.linear(g, hn, "lm_head", False, (self.cfg.d_model, self.cfg.padded_vocab_size))
+        else:
+            head = "lm_head.weight" if self.has_lm_head else "backbone.embedding.weight"
+            logits = g.op("Gemm", [hn, head], "lm_head", transB=1)
         if reshape_to is not None:
             logits = g.op("Reshape", [logits, reshape_to], "logits_bLV")
         return g.op("Cast", [logits], to=F32, out=out_name)
@@ -295,9 +333,11 @@ def copy_tokenizer(model: MambaLM, out_dir: Path) -> list[str]:
 
 
 def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_OPSET, all_logits: bool = False,
-                   source: dict | None = None, progress=None, prefill_scan: str = "chunked") -> dict:
+                   source: dict | None = None, progress=None, prefill_scan: str = "chunked",
+                   quant: QuantSpec | None = None) -> dict:
     """Write the artifact of ``model`` (in its own dtype) into the existing, empty directory ``out_dir``.
     ``prefill_scan``: SelectiveScan's function body, "chunked" (≈ 3√L loop iterations) or "sequential" (L).
+    ``quant``: weight-only quantization of the large linear layers (``quantize.py``), or None.
     Returns the manifest. ``progress(message)`` is called between stages; tqdm bars show the weights."""
     from tqdm.auto import tqdm
 
@@ -313,15 +353,23 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
     if act is None or not act.float:
         raise UserError(f"cannot export weights of dtype {act_dtype}; use fp32, fp16 or bf16")
     cfg = model.config
+    check_quant(quant, act_dtype, opset)
     family = family_of(cfg)
     weights = WeightStore(out_dir / artifact.WEIGHTS_FILE)
     try:
         for name, tensor in tqdm(_weights(model, act_dtype), total=len(weight_table(cfg, family)),
                                  desc="writing weights", unit="tensor", disable=progress is None, leave=False):
-            weights.add(name, tensor)
+            if quant is not None and name == "backbone.embedding.weight" and cfg.tie_embeddings:
+                for q in quantize_weight("lm_head", tensor, quant):       # the tied head, quantized
+                    weights.add_quantized(q)
+            if quant is not None and name.endswith(".weight") and is_quantized(name[:-len(".weight")]):
+                for q in quantize_weight(name[:-len(".weight")], tensor, quant):
+                    weights.add_quantized(q)
+            else:
+                weights.add(name, tensor)
     finally:
         weights.close()
-    builder = family.graph_emitter()(model, weights, act.onnx)
+    builder = family.graph_emitter()(model, weights, act.onnx, quant)
     graphs, used = {}, {}
     for graph, build in (("step", lambda: builder.step_graph(weights, opset)),
                          ("prefill", lambda: builder.prefill_graph(weights, opset, all_logits, prefill_scan))):
@@ -351,20 +399,23 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
                    "domain_version": contract.DOMAIN_VERSION},
         source=source or source_ref(model), exporter_version=__version__)
     manifest["files"] += copy_tokenizer(model, out_dir)
+    manifest["quantization"] = quant.manifest() if quant is not None else None
     say("checksums")
     artifact.write_manifest(out_dir, manifest)
     return artifact.read_manifest(out_dir)
 
 
-def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, all_logits: bool = False,
-           force: bool = False, progress=None, allow_nonfinite: bool = False,
-           prefill_scan: str = "chunked") -> Path:
+def export(ref, out_dir=None, dtype=None, opset: int | None = None, all_logits: bool = False,
+           force: bool = False, progress=None, allow_nonfinite: bool = False, prefill_scan: str = "chunked",
+           quant: QuantSpec | None = None) -> Path:
     """Load checkpoint ``ref`` (a local dir or hub id) and write its artifact to ``out_dir`` atomically
     (default ``export/<model-name>``). Refuses an existing ``out_dir`` unless ``force``."""
     from ..artifact import is_our_artifact, parse_dtype
     from ..checkpoint import load_model
     from ..io import atomic_directory
 
+    if opset is None:   # the QDQ form needs opset 21 (int4 tensors, blocked DequantizeLinear)
+        opset = QDQ_MIN_OPSET if quant is not None and quant.fmt == "qdq" else contract.DEFAULT_OPSET
     check_opset(opset)
     check_prefill_scan(prefill_scan)
     out = Path(out_dir) if out_dir is not None else Path("export") / model_name(str(ref))
@@ -383,5 +434,5 @@ def export(ref, out_dir=None, dtype=None, opset: int = contract.DEFAULT_OPSET, a
     source = source_ref(model, ref)
     with target as tmp:
         write_artifact(model, tmp, opset=opset, all_logits=all_logits, source=source, progress=progress,
-                       prefill_scan=prefill_scan)
+                       prefill_scan=prefill_scan, quant=quant)
     return out

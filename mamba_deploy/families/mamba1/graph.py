@@ -17,7 +17,8 @@ class Mamba1Graphs(LMGraphs):
     def step_mixer(self, g: GraphBuilder, h, i: int):
         c, p = self.cfg, f"backbone.layers.{i}.mixer."
         d, N, r = c.d_inner, c.d_state, c.dt_rank_value
-        x, z = g.op("Split", [self.linear(g, h, p + "in_proj", c.bias), g.ints([d, d])], "xz", n_out=2, axis=-1)
+        x, z = g.op("Split", [self.linear(g, h, p + "in_proj", c.bias, (c.d_model, 2 * d)), g.ints([d, d])], "xz",
+                    n_out=2, axis=-1)
         # conv state ← [conv_state[..., 1:], x]   (the last d_conv inputs, pre-conv)
         shifted = g.op("Slice", [contract.conv_state_name(i), g.ints([1]), g.ints([INT_MAX]), g.ints([2])], "shift")
         conv = g.op("Concat", [shifted, g.op("Unsqueeze", [x, g.ints([-1])], "x_col")], axis=2,
@@ -35,7 +36,7 @@ class Mamba1Graphs(LMGraphs):
                     [xc, dt, p + "A", B, C, p + "D", p + "dt_proj.bias", z, contract.ssm_state_name(i)],
                     domain=contract.DOMAIN, out=[g.scope + "y", contract.ssm_state_name(i, out=True)],
                     **self.scan_attrs())
-        return self.linear(g, y, p + "out_proj", c.bias)
+        return self.linear(g, y, p + "out_proj", c.bias, (d, c.d_model))
 
     # -- prefill graph ---------------------------------------------------------------------------------------
     def prefill_mixer(self, g: GraphBuilder, h, i: int, shape_bl):
@@ -50,7 +51,8 @@ class Mamba1Graphs(LMGraphs):
         def to_flat(v, feat):      # [b, f, L] → [b·L, f]
             return g.op("Reshape", [g.op("Transpose", [v], "bLf", perm=[0, 2, 1]), g.ints([-1, feat])], "flat")
 
-        x, z = g.op("Split", [self.linear(g, h, p + "in_proj", c.bias), g.ints([d, d])], "xz", n_out=2, axis=-1)
+        x, z = g.op("Split", [self.linear(g, h, p + "in_proj", c.bias, (c.d_model, 2 * d)), g.ints([d, d])], "xz",
+                    n_out=2, axis=-1)
         x, z = to_bfl(x, d), to_bfl(z, d)
         history = g.op("Concat", [contract.conv_state_name(i), x], "history", axis=2)            # [b, d, k + L]
         g.op("Slice", [history, g.ints([-k]), g.ints([INT_MAX]), g.ints([2])],
@@ -68,5 +70,5 @@ class Mamba1Graphs(LMGraphs):
                      contract.ssm_state_name(i)],
                     domain=contract.DOMAIN, out=[g.scope + "y", contract.ssm_state_name(i, out=True)],
                     **self.scan_attrs())
-        return self.linear(g, to_flat(y, d), p + "out_proj", c.bias)
+        return self.linear(g, to_flat(y, d), p + "out_proj", c.bias, (d, c.d_model))
 
