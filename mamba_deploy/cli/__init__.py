@@ -22,6 +22,7 @@ COMMANDS = {
     "serve": ("serve", "Serve a model over an OpenAI-compatible HTTP API (continuous batching, prefix-state cache)."),
     "triton-repo": ("triton_repo", "Write a Triton Inference Server model repository (sequence batching, implicit "
                     "state)."),
+    "eval": ("eval", "Perplexity of an artifact or checkpoint on a local text file (JSON)."),
     "bench": ("bench", "Time prefill and decode of several backends side by side, against the HBM floor."),
     "train": ("train", "Train a model from a TOML config or preset (synthetic tasks, text), with checkpoints."),
 }
