@@ -30,11 +30,11 @@ def _ort_element_type(dtype: torch.dtype):
     return {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64}[dtype]
 
 
-# Session settings on the CPU: ``default`` is ONNX Runtime's own; ``decode`` is what bench/bench_ort_cpu.py
-# measured best for token-by-token decode (and no worse for prefill): one inter-op thread and sequential
-# execution (the graph is a chain), memory patterns and the arena kept (decode shapes repeat every step),
-# weights pre-packed for MLAS at load, worker threads that spin between the many small ops of a step, and
-# denormals flushed to zero (exp(δ·A) of long, strongly decaying channels underflows into them).
+# Session settings on the CPU: ``default`` is ONNX Runtime's own; ``decode`` (the session's default) is chosen for
+# token-by-token decode: one inter-op thread and sequential execution (the graph is a chain), memory patterns and
+# the arena kept (decode shapes repeat every step), weights pre-packed for MLAS at load, worker threads that spin
+# between the many small ops of a step, and denormals flushed to zero (exp(δ·A) of strongly decaying channels
+# underflows into them). bench/bench_ort_cpu.py compares the two side by side (DIR@default vs DIR@decode).
 CPU_SETTINGS: dict[str, dict] = {
     "default": {"options": {}, "config": {}},
     "decode": {
