@@ -6,20 +6,22 @@ from pathlib import Path
 
 import click
 
+from .options import artifact_option, backend_option, model_option, single_backend, threads_option
+
 
 @click.command(name="eval")
-@click.option("--artifact", type=click.Path(), default=None, help="An exported artifact directory.")
-@click.option("--model", "model_ref", default=None, help="A checkpoint instead (torch backend).")
+@artifact_option(required=False)
+@model_option(required=False, help="A checkpoint (local directory or hub id) instead of an artifact (torch backend).")
 @click.option("--text", "text_path", type=click.Path(), required=True, help="The text file to score.")
-@click.option("--backend", default=None, help="onnxruntime (default for --artifact), torch, tensorrt …")
+@backend_option(help="One backend: onnxruntime (default for --artifact), torch (default for --model), tensorrt.")
 @click.option("--tokenizer", type=click.Path(), default=None, metavar="FILE",
               help="tokenizer.json; default byte-level (one token per UTF-8 byte).")
 @click.option("--window", type=int, default=512, show_default=True,
               help="Tokens per prefill; the state carries over, so the result does not depend on it.")
 @click.option("--max-tokens", type=int, default=None, help="Score only the first N tokens of the text.")
-@click.option("--threads", type=int, default=None, help="ONNX Runtime CPU threads.")
+@threads_option
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the result here.")
-def command(artifact, model_ref, text_path, backend, tokenizer, window, max_tokens, threads, json_path):
+def command(artifact, model_ref, text_path, backends, tokenizer, window, max_tokens, threads, json_path):
     """Perplexity (and bits per token) of a model on a local text, every token predicted from all before it.
 
     \b
@@ -48,7 +50,7 @@ def command(artifact, model_ref, text_path, backend, tokenizer, window, max_toke
             raise UserError(f"--max-tokens must be >= 2, got {max_tokens}")
         ids = ids[:max_tokens]
     source = artifact if artifact is not None else model_ref
-    backend = backend or ("onnxruntime" if artifact is not None else "torch")
+    backend = single_backend(backends, "onnxruntime" if artifact is not None else "torch")
     options = {"threads": threads} if threads and backend == "onnxruntime" else {}
     session = open_session(source, backend, **options)
     if artifact is not None:
