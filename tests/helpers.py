@@ -34,8 +34,10 @@ def scan_inputs(batch: int, d: int, N: int, L: int | None, *, seed: int = 0, dty
 
     ``dist="realistic"``: δ bias from upstream's init (softplus(bias) log-uniform in [1e-3, 0.1]), δ_raw = 0.5·N(0,1),
     A = −(1…N) per channel scaled by U(0.5, 1.5) (S4D-real), the rest N(0,1). ``dist="upstream"``: upstream's test
-    distributions (δ_raw = 0.5·U, bias 0.5·U, A = −0.5·U). ``large_delta`` sets every 11th δ_raw to 25 (past the
-    softplus threshold). u, δ, B, C, z are in ``dtype``; A, D, δ bias and the state fp32.
+    distributions (δ_raw = 0.5·U, bias 0.5·U, A = −0.5·U). ``dist="s4d-jitter"``: as "realistic" but
+    A = −(1…N)·(1 + 0.1·U) per element (the plugin kernels' tests; their measured bounds were set on these).
+    ``large_delta`` sets every 11th δ_raw to 25 (past the softplus threshold). u, δ, B, C, z are in ``dtype``;
+    A, D, δ bias and the state fp32.
     """
     g = torch.Generator().manual_seed(seed)
     seq = () if L is None else (L,)
@@ -46,11 +48,12 @@ def scan_inputs(batch: int, d: int, N: int, L: int | None, *, seed: int = 0, dty
     def rand(*shape, scale=1.0):
         return torch.rand(*shape, generator=g) * scale
 
-    if dist == "realistic":
+    if dist in ("realistic", "s4d-jitter"):
         dt = torch.exp(rand(d) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         bias = dt + torch.log(-torch.expm1(-dt))                                  # inverse softplus
         delta = randn(batch, d, *seq, scale=0.5)
-        A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(d, 1) * (0.5 + rand(d, 1))
+        scale = 0.5 + rand(d, 1) if dist == "realistic" else 1 + 0.1 * rand(d, N)
+        A = -torch.arange(1, N + 1, dtype=torch.float32).repeat(d, 1) * scale
     elif dist == "upstream":
         bias = rand(d, scale=0.5)
         delta = rand(batch, d, *seq, scale=0.5)

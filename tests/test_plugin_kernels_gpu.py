@@ -34,7 +34,7 @@ rel_err = max_rel      # normwise: max|out − ref| / max|ref|; NaN (a poisoned 
 def make_inputs(b, d, N, L, dtype, seed=0, large_delta=True):
     """Realistic Mamba ranges (tests/helpers.py ``scan_inputs``) on the GPU, named as the kernels' ABI (x, state);
     ``large_delta`` exercises the softplus threshold (δ_raw + bias > 20 → δ = δ_raw + bias)."""
-    t = scan_inputs(b, d, N, L, seed=seed, dtype=dtype, device=DEV, large_delta=large_delta)
+    t = scan_inputs(b, d, N, L, seed=seed, dtype=dtype, device=DEV, dist="s4d-jitter", large_delta=large_delta)
     t["x"], t["state"] = t.pop("u"), t.pop("initial_state")
     return t
 
