@@ -21,7 +21,8 @@ DEFAULT_OPSET = 18
 @dataclasses.dataclass(frozen=True)
 class Port:
     name: str
-    shape: tuple[str, ...]     # symbolic dims: b (batch), d (d_inner), N (d_state), L (sequence)
+    shape: tuple[str, ...]     # symbolic dims: b (batch), d (d_inner), N (d_state), L (sequence), H (heads),
+                               # P (headdim), G (groups); "P|1": P or 1 (broadcast)
     dtype: str                 # "act" (fp32/fp16/bf16 activations) or "fp32"
     doc: str
 
@@ -79,7 +80,53 @@ SELECTIVE_SCAN = OpSpec(
     doc="The selective scan over a sequence from a given initial state (prefill, chunked prefill, resume).",
 )
 
-OPS = {op.op_type: op for op in (SELECTIVE_SCAN_STEP, SELECTIVE_SCAN)}
+# Mamba-2 (SSD): multi-head scan, H heads of P channels, B and C in G groups (head h reads group h·G/H). δ is
+# discretized inside the op as δ = clip(softplus_τ(δ_raw + dt_bias), dt_min, dt_max).
+_SSD_ATTRS = {"dt_softplus": 1, "softplus_threshold": 20.0, "dt_min": 0.0, "dt_max": float("inf")}
+
+SSD_SCAN_STEP = OpSpec(
+    "SSDScanStep",
+    inputs=(
+        Port("x", ("b", "H", "P"), "act", "conv output x_t (after SiLU), per head"),
+        Port("dt", ("b", "H"), "act", "δ_raw, one per head, bias not yet added"),
+        Port("A", ("H",), "fp32", "A = −exp(A_log), one per head"),
+        Port("B", ("b", "G", "N"), "act", "B_t per group"),
+        Port("C", ("b", "G", "N"), "act", "C_t per group"),
+        Port("D", ("H", "P|1"), "fp32", "skip connection D per (head, channel), or per head as [H, 1]"),
+        Port("dt_bias", ("H",), "fp32", "δ bias"),
+        Port("ssm_state", ("b", "H", "P", "N"), "fp32", "h_{t−1}"),
+    ),
+    outputs=(
+        Port("y", ("b", "H", "P"), "act", "y_t = h_t·C_t + D·x_t (the gate is applied after, in the gated RMSNorm)"),
+        Port("ssm_state_out", ("b", "H", "P", "N"), "fp32", "h_t = exp(δA)·h_{t−1} + (δ·x_t) ⊗ B_t"),
+    ),
+    attributes=_SSD_ATTRS,
+    doc="One decode step of the Mamba-2 SSD scan for a batch (all heads).",
+)
+
+SSD_SCAN = OpSpec(
+    "SSDScan",
+    inputs=(
+        Port("x", ("b", "L", "H", "P"), "act", "conv output"),
+        Port("dt", ("b", "L", "H"), "act", "δ_raw (bias not yet added)"),
+        Port("A", ("H",), "fp32", "A = −exp(A_log)"),
+        Port("B", ("b", "L", "G", "N"), "act", "B"),
+        Port("C", ("b", "L", "G", "N"), "act", "C"),
+        Port("D", ("H", "P|1"), "fp32", "skip connection D"),
+        Port("dt_bias", ("H",), "fp32", "δ bias"),
+        Port("ssm_state", ("b", "H", "P", "N"), "fp32", "initial state h_0"),
+    ),
+    outputs=(
+        Port("y", ("b", "L", "H", "P"), "act", "outputs for every position"),
+        Port("ssm_state_out", ("b", "H", "P", "N"), "fp32", "final state h_L"),
+    ),
+    attributes=_SSD_ATTRS,
+    doc="The Mamba-2 SSD scan over a sequence from a given initial state (prefill, chunked prefill, resume).",
+)
+
+OPS = {op.op_type: op for op in (SELECTIVE_SCAN_STEP, SELECTIVE_SCAN)}     # those our TensorRT plugin implements
+SSD_OPS = {op.op_type: op for op in (SSD_SCAN_STEP, SSD_SCAN)}               # ONNX function bodies only, so far
+ALL_OPS = {**OPS, **SSD_OPS}
 
 
 # ---- artifact I/O names (like optimum's KV cache naming) -----------------------------------------------------
@@ -101,11 +148,11 @@ def state_outputs(n_layer: int) -> list[str]:
 
 def contract_markdown() -> str:
     """Markdown tables of both ops (README's contract section is generated from this)."""
-    lines = [f"Domain `{DOMAIN}` version {DOMAIN_VERSION}; attributes (= plugin fields): "
-             + ", ".join(f"`{k}` (default {v})" for k, v in _ATTRS.items()) + "."]
-    for op in OPS.values():
-        lines += ["", f"**{op.op_type}** — {op.doc}", "", "| port | name | shape | dtype | meaning |",
-                  "|---|---|---|---|---|"]
+    lines = [f"Domain `{DOMAIN}` version {DOMAIN_VERSION}; attributes are also the plugin fields."]
+    for op in ALL_OPS.values():
+        attrs = ", ".join(f"`{k}` (default {v})" for k, v in op.attributes.items())
+        lines += ["", f"**{op.op_type}** — {op.doc} Attributes: {attrs}.", "",
+                  "| port | name | shape | dtype | meaning |", "|---|---|---|---|---|"]
         lines += [f"| in {i} | `{p.name}` | [{', '.join(p.shape)}] | {p.dtype} | {p.doc} |"
                   for i, p in enumerate(op.inputs)]
         lines += [f"| out {i} | `{p.name}` | [{', '.join(p.shape)}] | {p.dtype} | {p.doc} |"

@@ -288,5 +288,105 @@ def functions(opset: int, prefill_scan: str = "chunked") -> list[onnx.FunctionPr
     return [selective_scan_step_function(opset), selective_scan_function(opset, prefill_scan)]
 
 
+# ---- Mamba-2 (SSD) ---------------------------------------------------------------------------------------------
+# The math of ops/ssd.py, in fp32: δ = clip(softplus_τ(δ_raw + dt_bias), dt_min, dt_max) per head;
+# h_t = exp(δ_t·A)·h_{t−1} + (δ_t·x_t) ⊗ B_t;  y_t = h_t·C_t + D ⊙ x_t; B, C expanded from G groups to H heads.
+
+def _ssd_dt(b: _Body, dt_raw: str, dt_bias: str) -> str:
+    """δ [.., H] fp32 from δ_raw [.., H] (dt_bias [H] broadcasts over the leading axes)."""
+    v = b.op("Add", [b.f32(dt_raw), dt_bias], "dt_biased")
+    tau = b.attr_ref("softplus_threshold", "value_float", "tau")
+    use_softplus = b.op("Cast", [b.attr_ref("dt_softplus", "value_int", "use_sp")], "use_sp_b", to=TensorProto.BOOL)
+    keep = b.op("Or", [b.op("Not", [use_softplus]), b.op("Greater", [v, tau])], "keep")
+    dt = b.op("Where", [keep, v, b.op("Softplus", [v])], "dt_sp")
+    return b.op("Clip", [dt, b.attr_ref("dt_min", "value_float", "dt_min"),
+                         b.attr_ref("dt_max", "value_float", "dt_max")], "dt")
+
+
+def _groups_to_heads(b: _Body, t: str, x: str, g_axis: int) -> str:
+    """t [..., G, N] (G at ``g_axis``) → [..., H, N] fp32, head h reading group h // (H/G); H = x.shape[g_axis]."""
+    t = b.f32(t)
+    shape = b.op("Shape", [t], "shape_t")
+    lead = b.op("Slice", [shape, b.const_ints([0]), b.const_ints([g_axis])], "lead")
+    G = b.op("Slice", [shape, b.const_ints([g_axis]), b.const_ints([g_axis + 1])], "G")
+    N = b.op("Slice", [shape, b.const_ints([g_axis + 1]), b.const_ints([g_axis + 2])], "N")
+    H = b.op("Slice", [b.op("Shape", [x], "shape_x"), b.const_ints([g_axis]), b.const_ints([g_axis + 1])], "H")
+    per_group = b.op("Div", [H, G], "heads_per_group")
+    expanded = b.op("Expand", [b.op("Unsqueeze", [t, b.const_ints([g_axis + 1])], "t1"),
+                               b.op("Concat", [lead, G, per_group, N], "exp_shape", axis=0)], "t_exp")
+    return b.op("Reshape", [expanded, b.op("Concat", [lead, H, N], "head_shape", axis=0)], "t_heads")
+
+
+def _ssd_skip(b: _Body, y: str, x32: str, D: str, like: str, out: str):
+    """out = CastLike(y + D ⊙ x, like); D [H, P] or [H, 1] broadcasts over the leading axes."""
+    b.nodes.append(helper.make_node("CastLike", [b.op("Add", [y, b.op("Mul", [x32, D], "xD")], "yD"), like], [out]))
+
+
+def ssd_scan_step_function(opset: int) -> onnx.FunctionProto:
+    """SSDScanStep: x [b, H, P]; δ_raw [b, H]; A, dt_bias [H]; B, C [b, G, N]; D [H, P|1]; h [b, H, P, N] fp32."""
+    b = _Body("ssds/")
+    x, dt_raw, A, B, C, D, dt_bias, h = (p.name for p in contract.SSD_SCAN_STEP.inputs)
+    y_name, h_out = (p.name for p in contract.SSD_SCAN_STEP.outputs)
+    dt = _ssd_dt(b, dt_raw, dt_bias)                                                          # [b, H]
+    x32 = b.f32(x)
+    decay = b.op("Unsqueeze", [b.op("Exp", [b.op("Mul", [dt, A], "dtA")], "dA"), b.const_ints([2, 3])], "dA4")
+    dtx = b.op("Mul", [b.op("Unsqueeze", [dt, b.const_ints([2])], "dt3"), x32], "dtx")        # [b, H, P]
+    Bh = b.op("Unsqueeze", [_groups_to_heads(b, B, x, 1), b.const_ints([2])], "B4")          # [b, H, 1, N]
+    dBx = b.op("Mul", [b.op("Unsqueeze", [dtx, b.const_ints([3])], "dtx4"), Bh], "dBx")       # [b, H, P, N]
+    b.nodes.append(helper.make_node("Add", [b.op("Mul", [decay, h], "dAh"), dBx], [h_out]))
+    Ch = b.op("Unsqueeze", [_groups_to_heads(b, C, x, 1), b.const_ints([2])], "C4")
+    y = b.op("ReduceSum", [b.op("Mul", [h_out, Ch], "hC"), b.const_ints([-1])], "y", keepdims=0)
+    _ssd_skip(b, y, x32, D, x, y_name)
+    return _function(contract.SSD_SCAN_STEP, b, opset)
+
+
+def _ssd_scan_body() -> onnx.GraphProto:
+    """One time step inside the Scan: state h [b, H, P, N]; scanned δ_t [b, H], δ_t·x_t [b, H, P], B_t, C_t
+    [b, H, N] (fp32, already per head). A [H] comes from the enclosing scope as ``ssd_A_f32``."""
+    b = _Body("st/")
+    decay = b.op("Unsqueeze", [b.op("Exp", [b.op("Mul", ["s_dt", "ssd_A_f32"], "dtA")], "dA"),
+                               b.const_ints([2, 3])], "dA4")
+    dBx = b.op("Mul", [b.op("Unsqueeze", ["s_dtx", b.const_ints([3])], "dtx4"),
+                       b.op("Unsqueeze", ["s_B", b.const_ints([2])], "B4")], "dBx")
+    b.nodes.append(helper.make_node("Add", [b.op("Mul", [decay, "s_prev"], "dAh"), dBx], ["s_next"]))
+    b.nodes.append(helper.make_node("ReduceSum", [b.op("Mul", ["s_next", b.op("Unsqueeze", ["s_C", b.const_ints([2])],
+                                                                                 "C4")], "hC"),
+                                                  b.const_ints([-1])], ["s_y"], keepdims=0))
+    f = TensorProto.FLOAT
+    return helper.make_graph(
+        b.nodes, "ssd_scan_step_body",
+        [helper.make_tensor_value_info(n, f, None) for n in ("s_prev", "s_dt", "s_dtx", "s_B", "s_C")],
+        [helper.make_tensor_value_info("s_next", f, None), helper.make_tensor_value_info("s_y", f, None)])
+
+
+def ssd_scan_function(opset: int) -> onnx.FunctionProto:
+    """SSDScan: x [b, L, H, P]; δ_raw [b, L, H]; A, dt_bias [H]; B, C [b, L, G, N]; D [H, P|1]; h_0 [b, H, P, N].
+
+    The recurrence runs as an ONNX ``Scan`` over time, so the graph does not grow with L."""
+    b = _Body("ssd/")
+    x, dt_raw, A, B, C, D, dt_bias, h0 = (p.name for p in contract.SSD_SCAN.inputs)
+    y_name, h_out = (p.name for p in contract.SSD_SCAN.outputs)
+    dt = _ssd_dt(b, dt_raw, dt_bias)                                                          # [b, L, H]
+    x32 = b.f32(x)
+    dtx = b.op("Mul", [b.op("Unsqueeze", [dt, b.const_ints([3])], "dt4"), x32], "dtx")        # [b, L, H, P]
+    time_major = dict(perm=[1, 0, 2, 3])
+    scanned = [b.op("Transpose", [dt], "dt_t", perm=[1, 0, 2]),                              # [L, b, H]
+               b.op("Transpose", [dtx], "dtx_t", **time_major),                                # [L, b, H, P]
+               b.op("Transpose", [_groups_to_heads(b, B, x, 2)], "B_t", **time_major),        # [L, b, H, N]
+               b.op("Transpose", [_groups_to_heads(b, C, x, 2)], "C_t", **time_major)]
+    b.nodes.append(helper.make_node("Identity", [A], ["ssd_A_f32"]))          # name the body's outer-scope input
+    b.nodes.append(helper.make_node("Scan", [h0] + scanned, [h_out, "ssd/y_t"], num_scan_inputs=4,
+                                    body=_ssd_scan_body()))
+    y = b.op("Transpose", ["ssd/y_t"], "y", **time_major)                                     # [b, L, H, P]
+    _ssd_skip(b, y, x32, D, x, y_name)
+    return _function(contract.SSD_SCAN, b, opset)
+
+
+
+
+def ssd_functions(opset: int) -> list[onnx.FunctionProto]:
+    return [ssd_scan_step_function(opset), ssd_scan_function(opset)]
+
+
 def is_standard_domain(domain: str) -> bool:
     return domain in ("", "ai.onnx")

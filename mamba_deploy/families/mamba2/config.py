@@ -1,0 +1,302 @@
+"""Mamba2Config: one description of a Mamba-2 (SSD) language model, read from and written to both config.json dialects.
+
+* state-spaces (``state-spaces/mamba2-370m``, upstream ``mamba_ssm/models/config_mamba.py`` with
+  ``ssm_cfg.layer = "Mamba2"``; the ssm_cfg fields are the arguments of upstream ``mamba_ssm/modules/mamba2.py``):
+  ``d_state`` (default 128), ``d_conv``, ``expand``, ``headdim`` (64), ``ngroups`` (1), ``chunk_size`` (256),
+  ``D_has_hdim``, ``rmsnorm``, ``norm_before_gate``, ``dt_limit``, ``bias``, ``conv_bias``, ``d_ssm``; the top level as
+  for Mamba-1 (``vocab_size`` unpadded, ``pad_vocab_size_multiple`` 16 for the released models).
+* Hugging Face (transformers ``Mamba2Config``, e.g. ``mistralai/Mamba-Codestral-7B-v0.1``): ``hidden_size,
+  state_size, num_hidden_layers, expand, conv_kernel, head_dim, num_heads, n_groups, chunk_size, time_step_limit,
+  use_bias, use_conv_bias, residual_in_fp32, layer_norm_epsilon, tie_word_embeddings, vocab_size`` (padded).
+  transformers always gates before the norm (upstream ``norm_before_gate=False``) and older versions wrote a
+  meaningless ``norm_before_gate: true`` default into config.json, so that key is ignored when read; a model with
+  ``norm_before_gate=True`` or a per-channel D (``D_has_hdim``) cannot be written in this dialect.
+
+Derived dims: ``d_inner = expand · d_model``, ``nheads = d_inner / headdim``, ``conv_dim = d_inner + 2·ngroups·d_state``
+(the conv runs over [x, B, C]), in_proj width ``2·d_inner + 2·ngroups·d_state + nheads`` ([z, xBC, δ]).
+Not supported (one-line errors): attention or MLP layers (hybrids), ``d_ssm ≠ d_inner``, ``rmsnorm: false``, a
+non-SiLU activation.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from ...errors import UserError
+from ..base import HF, STATE_SPACES
+
+DEFAULT_NORM_EPS = 1e-5
+TOKENIZER_VOCAB_KEY = "tokenizer_vocab_size"   # our extra key in the HF config.json (as for Mamba-1)
+INF = float("inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mamba2Config:
+    family: ClassVar[str] = "mamba2"
+
+    d_model: int
+    n_layer: int
+    vocab_size: int  # tokenizer vocabulary (ids ≥ it are padding rows of the embedding and are never sampled)
+    d_state: int = 128
+    d_conv: int = 4
+    expand: int = 2
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    D_has_hdim: bool = False           # D per (head, channel) [d_inner] instead of per head [nheads]
+    norm_before_gate: bool = False     # False: RMSNorm(y ⊙ SiLU(z)); True: RMSNorm(y) ⊙ SiLU(z)
+    dt_limit: tuple[float, float] = (0.0, INF)
+    conv_bias: bool = True
+    bias: bool = False                 # in_proj / out_proj bias
+    residual_in_fp32: bool = True
+    norm_eps: float = DEFAULT_NORM_EPS  # block and final RMSNorm, and the gated RMSNorm inside the mixer
+    pad_vocab_size_multiple: int = 16
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
+                     "chunk_size", "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"config field {name} must be a positive integer, got {value!r}")
+        try:
+            lo, hi = (float(v) for v in self.dt_limit)
+        except (TypeError, ValueError):
+            raise UserError(f"config field dt_limit must be two numbers (min, max), got {self.dt_limit!r}") from None
+        if not 0.0 <= lo < hi:
+            raise UserError(f"config field dt_limit must satisfy 0 <= min < max, got {self.dt_limit!r}")
+        object.__setattr__(self, "dt_limit", (lo, hi))
+        if self.d_inner % self.headdim:
+            raise UserError(f"Mamba-2 config: d_inner {self.d_inner} (expand {self.expand} · d_model {self.d_model}) "
+                            f"is not a multiple of headdim {self.headdim}")
+        if self.nheads % self.ngroups:
+            raise UserError(f"Mamba-2 config: nheads {self.nheads} (d_inner / headdim) is not a multiple of "
+                            f"ngroups {self.ngroups}")
+
+    # ---- derived dims -------------------------------------------------------------------------------------
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def nheads(self) -> int:
+        return self.d_inner // self.headdim
+
+    @property
+    def conv_dim(self) -> int:
+        return self.d_inner + 2 * self.ngroups * self.d_state
+
+    @property
+    def d_in_proj(self) -> int:
+        return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Embedding rows = logits width: vocab_size rounded up to a multiple of pad_vocab_size_multiple."""
+        m = self.pad_vocab_size_multiple
+        return ((self.vocab_size + m - 1) // m) * m
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(family=self.family, d_inner=self.d_inner, nheads=self.nheads, conv_dim=self.conv_dim,
+                 padded_vocab_size=self.padded_vocab_size, dt_limit=list(self.dt_limit))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Mamba2Config":
+        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # ---- the two dialects ---------------------------------------------------------------------------------
+    def to_state_spaces_json(self) -> dict[str, Any]:
+        out = {
+            "d_model": self.d_model,
+            "n_layer": self.n_layer,
+            "d_intermediate": 0,
+            "vocab_size": self.vocab_size,
+            "ssm_cfg": {"layer": "Mamba2", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
+                        "headdim": self.headdim, "ngroups": self.ngroups, "chunk_size": self.chunk_size,
+                        "D_has_hdim": self.D_has_hdim, "rmsnorm": True, "norm_before_gate": self.norm_before_gate,
+                        "dt_limit": list(self.dt_limit), "conv_bias": self.conv_bias, "bias": self.bias},
+            "attn_layer_idx": [],
+            "attn_cfg": {},
+            "rms_norm": True,
+            "residual_in_fp32": self.residual_in_fp32,
+            "fused_add_norm": True,
+            "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
+            "tie_embeddings": self.tie_embeddings,
+        }
+        if self.norm_eps != DEFAULT_NORM_EPS:  # upstream's config has no such field: written only when needed
+            out["norm_epsilon"] = self.norm_eps
+        return out
+
+    def to_hf_json(self) -> dict[str, Any]:
+        return {
+            "architectures": ["Mamba2ForCausalLM"],
+            "model_type": "mamba2",
+            "vocab_size": self.padded_vocab_size,
+            TOKENIZER_VOCAB_KEY: self.vocab_size,
+            "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
+            "hidden_size": self.d_model,
+            "state_size": self.d_state,
+            "num_hidden_layers": self.n_layer,
+            "expand": self.expand,
+            "conv_kernel": self.d_conv,
+            "head_dim": self.headdim,
+            "num_heads": self.nheads,
+            "n_groups": self.ngroups,
+            "chunk_size": self.chunk_size,
+            "time_step_limit": list(self.dt_limit),
+            "use_bias": self.bias,
+            "use_conv_bias": self.conv_bias,
+            "residual_in_fp32": self.residual_in_fp32,
+            "layer_norm_epsilon": self.norm_eps,
+            "hidden_act": "silu",
+            "tie_word_embeddings": self.tie_embeddings,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+            "pad_token_id": 0,
+        }
+
+
+def _require(raw: dict[str, Any], key: str, where: str):
+    if key not in raw:
+        raise UserError(f"{where} Mamba-2 config.json lacks the required field '{key}'")
+    return raw[key]
+
+
+_SS_SSM_FIELDS = {"layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "D_has_hdim", "rmsnorm",
+                  "norm_before_gate", "dt_limit", "bias", "conv_bias", "d_ssm", "A_init_range", "dt_min", "dt_max",
+                  "dt_init_floor", "conv_init", "activation", "use_mem_eff_path", "learnable_init_states"}
+
+
+def refuse_hybrid(raw: dict[str, Any]) -> None:
+    """One-line error for a state-spaces config with attention or MLP layers (a hybrid model)."""
+    if raw.get("attn_layer_idx"):
+        raise UserError(f"this checkpoint is a hybrid with attention layers (attn_layer_idx "
+                        f"{raw['attn_layer_idx']}); mamba-deploy supports pure Mamba models only")
+    if raw.get("d_intermediate", 0):
+        raise UserError(f"this checkpoint is a hybrid with MLP blocks (d_intermediate {raw['d_intermediate']} > 0); "
+                        "mamba-deploy supports pure Mamba models only")
+
+
+def from_state_spaces_json(raw: dict[str, Any]) -> Mamba2Config:
+    refuse_hybrid(raw)
+    ssm = dict(raw.get("ssm_cfg") or {})
+    if not raw.get("rms_norm", True):
+        raise UserError("this checkpoint uses LayerNorm (rms_norm: false); mamba-deploy supports RMSNorm only")
+    unknown = set(ssm) - _SS_SSM_FIELDS
+    if unknown:
+        raise UserError(f"ssm_cfg has fields mamba-deploy does not support: {sorted(unknown)}")
+    if not ssm.get("rmsnorm", True):
+        raise UserError("this Mamba-2 checkpoint has no gated RMSNorm (ssm_cfg.rmsnorm: false); not supported")
+    if ssm.get("activation", "silu") not in ("silu", "swish"):
+        raise UserError(f"ssm_cfg.activation '{ssm['activation']}' is not supported (Mamba-2 uses silu)")
+    if ssm.get("learnable_init_states"):
+        raise UserError("ssm_cfg.learnable_init_states is not supported")
+    d_model = _require(raw, "d_model", "state-spaces")
+    expand = ssm.get("expand", 2)
+    if ssm.get("d_ssm") not in (None, expand * d_model):
+        raise UserError(f"ssm_cfg.d_ssm {ssm['d_ssm']} != d_inner {expand * d_model}: Mamba-2 blocks with a gated MLP "
+                        "part are not supported")
+    return Mamba2Config(
+        d_model=d_model,
+        n_layer=_require(raw, "n_layer", "state-spaces"),
+        vocab_size=_require(raw, "vocab_size", "state-spaces"),
+        d_state=ssm.get("d_state", 128),
+        d_conv=ssm.get("d_conv", 4),
+        expand=expand,
+        headdim=ssm.get("headdim", 64),
+        ngroups=ssm.get("ngroups", 1),
+        chunk_size=ssm.get("chunk_size", 256),
+        D_has_hdim=bool(ssm.get("D_has_hdim", False)),
+        norm_before_gate=bool(ssm.get("norm_before_gate", False)),
+        dt_limit=tuple(ssm.get("dt_limit", (0.0, INF))),
+        conv_bias=ssm.get("conv_bias", True),
+        bias=ssm.get("bias", False),
+        residual_in_fp32=raw.get("residual_in_fp32", True),
+        norm_eps=raw.get("norm_epsilon", DEFAULT_NORM_EPS),
+        pad_vocab_size_multiple=raw.get("pad_vocab_size_multiple", 16),
+        tie_embeddings=raw.get("tie_embeddings", True),
+    )
+
+
+def _hf_vocab(raw: dict[str, Any]) -> tuple[int, int]:
+    """(tokenizer vocabulary, padding multiple) of an HF config, whose vocab_size is the padded size."""
+    padded = _require(raw, "vocab_size", "Hugging Face")
+    multiple = raw.get("pad_vocab_size_multiple", 1)
+    if TOKENIZER_VOCAB_KEY in raw:
+        vocab = raw[TOKENIZER_VOCAB_KEY]
+        if not isinstance(multiple, int) or multiple < 1 or not isinstance(vocab, int) or vocab < 1 \
+                or -(-vocab // multiple) * multiple != padded:
+            raise UserError(f"config.json: vocab_size {padded} is not {TOKENIZER_VOCAB_KEY} {vocab!r} padded to a "
+                            f"multiple of pad_vocab_size_multiple {multiple!r}")
+        return vocab, multiple
+    if not isinstance(multiple, int) or multiple < 1 or padded % multiple:
+        multiple = 1
+    return padded, multiple
+
+
+def from_hf_json(raw: dict[str, Any]) -> Mamba2Config:
+    if raw.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise UserError(f"hidden_act '{raw['hidden_act']}' is not supported (Mamba-2 uses silu)")
+    d_model = _require(raw, "hidden_size", "Hugging Face")
+    expand = raw.get("expand", 2)
+    headdim = raw.get("head_dim", 64)
+    if "num_heads" in raw and raw["num_heads"] * headdim != expand * d_model:
+        raise UserError(f"Mamba-2 config: num_heads {raw['num_heads']} · head_dim {headdim} != d_inner "
+                        f"{expand * d_model} (expand {expand} · hidden_size {d_model})")
+    vocab, pad_multiple = _hf_vocab(raw)
+    return Mamba2Config(
+        d_model=d_model,
+        n_layer=_require(raw, "num_hidden_layers", "Hugging Face"),
+        vocab_size=vocab,
+        d_state=raw.get("state_size", 128),
+        d_conv=raw.get("conv_kernel", 4),
+        expand=expand,
+        headdim=headdim,
+        ngroups=raw.get("n_groups", 8),
+        chunk_size=raw.get("chunk_size", 256),
+        dt_limit=tuple(raw.get("time_step_limit", (0.0, INF))),
+        conv_bias=raw.get("use_conv_bias", True),
+        bias=raw.get("use_bias", False),
+        residual_in_fp32=raw.get("residual_in_fp32", True),
+        norm_eps=raw.get("layer_norm_epsilon", DEFAULT_NORM_EPS),
+        pad_vocab_size_multiple=pad_multiple,
+        tie_embeddings=raw.get("tie_word_embeddings", False),
+    )
+
+
+def from_json(raw: dict[str, Any], dialect: str) -> Mamba2Config:
+    return from_state_spaces_json(raw) if dialect == STATE_SPACES else from_hf_json(raw)
+
+
+def to_json(config: Mamba2Config, dialect: str) -> dict[str, Any]:
+    """config.json of ``dialect``; checked to read back to ``config`` (a field lost would be a UserError)."""
+    raw = config.to_state_spaces_json() if dialect == STATE_SPACES else config.to_hf_json()
+    back = from_json(raw, dialect)
+    lost = [f.name for f in dataclasses.fields(Mamba2Config) if getattr(back, f.name) != getattr(config, f.name)]
+    if lost:
+        raise UserError(f"the {dialect} config.json cannot hold {', '.join(f'{n}={getattr(config, n)!r}' for n in lost)}"
+                        f"; save in the other format")
+    return raw
+
+
+# Named sizes of the released Mamba-2 models (upstream state-spaces/mamba2-*: d_state 128, headdim 64, ngroups 1,
+# vocabulary padded to a multiple of 16); random weights of these shapes are used for benchmarks.
+SIZES: dict[str, dict[str, int]] = {
+    "mamba2-tiny": dict(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, ngroups=2, chunk_size=8),
+    "mamba2-130m": dict(d_model=768, n_layer=24, vocab_size=50277),
+    "mamba2-370m": dict(d_model=1024, n_layer=48, vocab_size=50277),
+    "mamba2-780m": dict(d_model=1536, n_layer=48, vocab_size=50277),
+    "mamba2-1.3b": dict(d_model=2048, n_layer=48, vocab_size=50277),
+    "mamba2-2.7b": dict(d_model=2560, n_layer=64, vocab_size=50277),
+}
+
+
+def config_for_size(name: str, **overrides) -> Mamba2Config:
+    if name not in SIZES:
+        raise UserError(f"unknown Mamba-2 size '{name}'; choose one of {', '.join(SIZES)}")
+    return Mamba2Config(**{**SIZES[name], **overrides})
+
