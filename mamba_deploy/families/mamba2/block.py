@@ -17,6 +17,8 @@ limit (0, ∞) the two agree).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -106,3 +108,28 @@ class Mamba2Mixer(nn.Module):
         x, B, C = self._split_xbc(xbc)
         y, ssm_state = ssd_state_update(ssm_state, x, self._dt(dt_raw), self.A(), B, C, D=self.D_heads())
         return self._out(y, z), conv_state, ssm_state
+
+
+def init_mixer(m: Mamba2Mixer, cfg: Mamba2Config, g: torch.Generator, dt_min: float = 1e-3, dt_max: float = 0.1,
+               A_init_range: tuple[float, float] = (1.0, 16.0)) -> None:
+    """Upstream's initialisation (``mamba_ssm/modules/mamba2.py``): softplus(dt_bias) log-uniform in [dt_min, dt_max]
+    (floor 1e-4), A_log = log U(A_init_range), D = 1, norm weight 1, PyTorch's default Linear/Conv1d init, out_proj
+    rescaled by 1/√n_layer (upstream ``_init_weights`` with ``rescale_prenorm_residual``)."""
+    def uniform_(p, bound):
+        p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
+
+    for lin in (m.in_proj, m.out_proj):
+        uniform_(lin.weight, 1 / math.sqrt(lin.in_features))
+        if lin.bias is not None:
+            lin.bias.zero_()
+    m.out_proj.weight.div_(math.sqrt(cfg.n_layer))
+    uniform_(m.conv1d.weight, 1 / math.sqrt(cfg.d_conv))
+    if m.conv1d.bias is not None:
+        uniform_(m.conv1d.bias, 1 / math.sqrt(cfg.d_conv))
+    dt = torch.exp(torch.rand(cfg.nheads, generator=g) * (math.log(dt_max) - math.log(dt_min))
+                   + math.log(dt_min)).clamp(min=1e-4)
+    m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))                              # inverse softplus
+    lo, hi = A_init_range
+    m.A_log.copy_(torch.log(lo + (hi - lo) * torch.rand(cfg.nheads, generator=g)))
+    m.D.fill_(1.0)
+    m.norm.weight.fill_(1.0)

@@ -1,0 +1,211 @@
+"""Mamba-2 and FalconMamba PyTorch models against an independent reference (transformers' Mamba2ForCausalLM and
+FalconMambaForCausalLM, tiny random weights), from both checkpoint formats, and against themselves."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from mamba_deploy.checkpoint import load_model, save_model
+from mamba_deploy.cli import main
+from mamba_deploy.model import MambaState, random_model
+
+ATOL_FP32 = 1e-5  # max abs logit error vs transformers, fp32
+FAMILIES = ("mamba2", "falcon_mamba")
+
+
+def hf_tiny(family: str, seed: int = 0):
+    """transformers' model (pure-torch path on CPU) with odd sizes: Mamba-2 with 2 groups, headdim 16, d_state 16,
+    chunk 8; parameters that transformers initialises to constants (D, norms, conv bias) randomised so they matter."""
+    torch.manual_seed(seed)
+    if family == "mamba2":
+        from transformers import Mamba2Config, Mamba2ForCausalLM
+        cfg = Mamba2Config(vocab_size=96, hidden_size=32, state_size=16, num_hidden_layers=2, expand=2,
+                           conv_kernel=4, head_dim=16, num_heads=4, n_groups=2, chunk_size=8,
+                           tie_word_embeddings=False)
+        model = Mamba2ForCausalLM(cfg)
+    else:
+        from transformers import FalconMambaConfig, FalconMambaForCausalLM
+        cfg = FalconMambaConfig(vocab_size=96, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2,
+                                conv_kernel=4, tie_word_embeddings=False, mixer_rms_eps=1e-6)
+        model = FalconMambaForCausalLM(cfg)
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            m = layer.mixer
+            params = [m.D, layer.norm.weight, m.conv1d.bias] + ([m.norm.weight, m.dt_bias] if family == "mamba2" else [])
+            for p in params:
+                p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def reference(request, tmp_path_factory):
+    """(family, transformers model, its HF-format directory, the same weights converted to the state-spaces format)."""
+    model = hf_tiny(request.param)
+    hf_dir = tmp_path_factory.mktemp("hf") / f"{request.param}-hf"
+    model.save_pretrained(hf_dir)
+    ss_dir = save_model(load_model(hf_dir), tmp_path_factory.mktemp("ss") / request.param, fmt="state-spaces")
+    return request.param, model, hf_dir, ss_dir
+
+
+def _ids(vocab, shape, seed):
+    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _hf_cache_from(hf_model, state: MambaState):
+    """A transformers cache holding our state (layouts are the same, so this is a copy)."""
+    from transformers import DynamicCache
+    cache = DynamicCache(config=hf_model.config)
+    for layer, conv, ssm in zip(cache.layers, state.conv, state.ssm):
+        layer.update_conv_state(conv.clone(), conv_kernel_size=conv.shape[-1])
+        layer.update_recurrent_state(ssm.clone())
+    return cache
+
+
+def _state_from_hf(cache) -> MambaState:
+    return MambaState([l.conv_states[0].clone() for l in cache.layers],
+                      [l.recurrent_states[0].clone() for l in cache.layers])
+
+
+@pytest.mark.parametrize("fmt", ["hf", "state-spaces"])
+def test_logits_match_transformers(reference, fmt):
+    family, hf_model, hf_dir, ss_dir = reference
+    ours = load_model(hf_dir if fmt == "hf" else ss_dir)
+    assert ours.config.family == family
+    ids = _ids(96, (2, 45), seed=1)       # 45: not a multiple of the chunk (8)
+    with torch.no_grad():
+        ref = hf_model(ids).logits
+        got, _ = ours(ids)
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= ATOL_FP32
+
+
+@pytest.mark.parametrize("fmt", ["hf", "state-spaces"])
+def test_step_rollout_matches_transformers(reference, fmt):
+    """Prefill 11 tokens, then 64 decode steps, each on both models with their own caches."""
+    family, hf_model, hf_dir, ss_dir = reference
+    ours = load_model(hf_dir if fmt == "hf" else ss_dir)
+    prompt = _ids(96, (2, 11), seed=2)
+    worst = 0.0
+    with torch.no_grad():
+        out = hf_model(prompt, use_cache=True)
+        cache, ref = out.cache, out.logits[:, -1]
+        got, state = ours(prompt)
+        worst = max(worst, (got[:, -1] - ref).abs().max().item())
+        for _ in range(64):
+            tok = ref.argmax(-1)
+            out = hf_model(tok[:, None], cache=cache, use_cache=True)
+            cache, ref = out.cache, out.logits[:, -1]
+            got, state = ours.step(tok, state)
+            worst = max(worst, (got - ref).abs().max().item())
+    assert worst <= ATOL_FP32, worst
+
+
+def test_states_interchange_with_transformers(reference):
+    """Our prefill state continues in transformers, and transformers' prefill state continues in ours."""
+    family, hf_model, hf_dir, _ = reference
+    ours = load_model(hf_dir)
+    prompt, nxt = _ids(96, (2, 13), seed=3), _ids(96, (2,), seed=4)
+    with torch.no_grad():
+        _, our_state = ours(prompt)
+        hf_cache = hf_model(prompt, use_cache=True).cache
+        hf_state = _state_from_hf(hf_cache)
+        for a, b in zip(our_state.conv + our_state.ssm, hf_state.conv + hf_state.ssm):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert (a - b).abs().max().item() <= ATOL_FP32
+        ref = hf_model(nxt[:, None], cache=_hf_cache_from(hf_model, our_state), use_cache=True).logits[:, -1]
+        got, _ = ours.step(nxt, our_state)
+        assert (got - ref).abs().max().item() <= ATOL_FP32      # ours → transformers
+        got_from_hf, _ = ours.step(nxt, hf_state)
+        ref_hf = hf_model(nxt[:, None], cache=hf_cache, use_cache=True).logits[:, -1]
+        assert (got_from_hf - ref_hf).abs().max().item() <= ATOL_FP32  # transformers → ours
+
+
+@pytest.fixture(scope="module")
+def mamba2_model():
+    from mamba_deploy.families.mamba2.config import config_for_size
+    return random_model(config_for_size("mamba2-tiny", d_model=32, headdim=8, D_has_hdim=True), seed=0)
+
+
+@pytest.mark.parametrize("T", [1, 8, 21])
+def test_forward_then_step_equals_longer_forward(mamba2_model, T):
+    ids = _ids(mamba2_model.config.vocab_size, (2, T + 1), seed=T)
+    with torch.no_grad():
+        full, full_state = mamba2_model(ids)
+        _, state = mamba2_model(ids[:, :T])
+        last, step_state = mamba2_model.step(ids[:, T], state)
+    assert (last - full[:, -1]).abs().max().item() <= 1e-5
+    for a, b in zip(step_state.ssm + step_state.conv, full_state.ssm + full_state.conv):
+        assert (a - b).abs().max().item() <= 1e-5
+
+
+def test_reference_and_chunked_scans_agree_in_model(mamba2_model):
+    ids = _ids(mamba2_model.config.vocab_size, (2, 37), seed=5)
+    with torch.no_grad():
+        a, sa = mamba2_model(ids)
+        mamba2_model.scan_backend = "reference"
+        try:
+            b, sb = mamba2_model(ids)
+        finally:
+            mamba2_model.scan_backend = "auto"
+    assert (a - b).abs().max().item() <= 1e-5
+    assert all((x - y).abs().max().item() <= 1e-5 for x, y in zip(sa.ssm, sb.ssm))
+
+
+# ---- bad inputs: one line, exit 2 ---------------------------------------------------------------------------------
+def _one_line_error(args, needle):
+    result = CliRunner().invoke(main, list(args))
+    lines = [l for l in result.output.strip().splitlines() if l.strip()]
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert len(lines) == 1 and lines[0].startswith("mamba-deploy: error:") and needle in lines[0], result.output
+
+
+def _patched_copy(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            cfg[key] = {**cfg.get(key, {}), **value}
+        else:
+            cfg[key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@pytest.mark.parametrize("changes,needle", [
+    ({"attn_layer_idx": [1], "attn_cfg": {"num_heads": 4}}, "attention layers"),
+    ({"d_intermediate": 64}, "MLP"),
+])
+def test_hybrid_configs_refused(reference, tmp_path, changes, needle):
+    family, _, _, ss_dir = reference
+    _one_line_error(["info", "--model", str(_patched_copy(ss_dir, tmp_path / "hybrid", **changes))], needle)
+
+
+def test_d_inner_not_a_multiple_of_headdim_refused(reference, tmp_path):
+    family, _, hf_dir, ss_dir = reference
+    if family != "mamba2":
+        pytest.skip("headdim is a Mamba-2 field")
+    bad = _patched_copy(ss_dir, tmp_path / "bad", ssm_cfg={"headdim": 48})
+    _one_line_error(["info", "--model", str(bad)], "not a multiple of headdim")
+
+
+@pytest.mark.parametrize("other", ["mamba1", "mamba2", "falcon_mamba"])
+def test_weights_of_one_family_with_config_of_another_refused(reference, tmp_path, other):
+    """Mamba-2 weights under a Mamba-1/FalconMamba config and the other way round. (FalconMamba and Mamba-1 have the
+    same tensors, so only the Mamba-1 ↔ Mamba-2 direction is detectable from the weights.)"""
+    family, _, _, ss_dir = reference
+    if {family, other} != {"mamba2", "falcon_mamba"} and {family, other} != {"mamba2", "mamba1"}:
+        pytest.skip("same tensors: not distinguishable by the weights")
+    layer = {"mamba1": "Mamba1", "mamba2": "Mamba2", "falcon_mamba": "FalconMamba"}[other]
+    ssm_cfg = {"layer": layer, "d_state": 16} if other == "mamba2" else {"layer": layer, "d_state": 8}
+    if other == "mamba2":
+        ssm_cfg.update(headdim=16, ngroups=2)
+    bad = _patched_copy(ss_dir, tmp_path / "other", ssm_cfg=ssm_cfg)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["ssm_cfg"] = {k: v for k, v in cfg["ssm_cfg"].items()
+                      if k in ("layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "conv_bias", "bias")}
+    (bad / "config.json").write_text(json.dumps(cfg))
+    _one_line_error(["export", "--model", str(bad), "--out", str(tmp_path / "x")], "config.json")
