@@ -19,6 +19,8 @@ difference of two long cumulative sums) and is ≤ 0, so every exp is ≤ 1: exa
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -30,13 +32,13 @@ def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def discretize_dt(dt_raw: torch.Tensor, dt_bias: torch.Tensor, dt_limit: tuple[float, float] = NO_DT_LIMIT,
+def discretize_dt(dt_raw: torch.Tensor, dt_bias: torch.Tensor | None, dt_limit: tuple[float, float] = NO_DT_LIMIT,
                   dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """δ = clamp(softplus(δ_raw + δ_bias), *dt_limit) in ``dtype``; δ_raw [..., H], δ_bias [H].
 
     softplus is torch's (β 1, threshold 20). The clamp is skipped for the default limit (0, ∞), where it is a no-op.
     """
-    dt = F.softplus(dt_raw.to(dtype) + dt_bias.to(dtype))
+    dt = F.softplus(dt_raw.to(dtype) + (dt_bias.to(dtype) if dt_bias is not None else 0.0))
     lo, hi = dt_limit
     if lo > 0.0 or hi != float("inf"):
         dt = dt.clamp(min=lo, max=hi)
@@ -156,13 +158,37 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int
     return y.to(x.dtype), S.to(torch.float64 if cd == torch.float64 else torch.float32)
 
 
-BACKENDS = ("reference", "chunked")
+BACKENDS = ("reference", "chunked", "triton")
 
 
-def ssd_scan(x, dt, A, B, C, D=None, initial_state=None, backend: str = "chunked", chunk_size: int = DEFAULT_CHUNK):
-    """Dispatch to an SSD scan backend by name; all return (y, final_state). ``triton`` falls back to chunked."""
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> bool:
+    try:
+        from . import triton_ssd  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def resolve_backend(requested: str, device: torch.device | None = None) -> str:
+    """``auto`` → ``triton`` (ops/triton_ssd.py) on CUDA when Triton imports, else ``chunked``; others pass through."""
+    if requested != "auto":
+        return requested
+    return "triton" if device is not None and device.type == "cuda" and _triton_available() else "chunked"
+
+
+def ssd_scan(x, dt_raw, A, B, C, D=None, dt_bias=None, dt_limit: tuple[float, float] = NO_DT_LIMIT,
+             initial_state=None, backend: str = "auto", chunk_size: int = DEFAULT_CHUNK):
+    """The SSD scan from raw δ: δ = clamp(softplus(δ_raw + dt_bias), *dt_limit), then the backend by name
+    (``auto``: see :func:`resolve_backend`). Shapes as in the module docstring. Returns (y, final_state)."""
+    backend = resolve_backend(backend, x.device)
+    if backend == "triton":
+        from .triton_ssd import ssd_scan_triton
+        return ssd_scan_triton(x, dt_raw, A, B, C, D=D, dt_bias=dt_bias, initial_state=initial_state,
+                               dt_softplus=True, dt_limit=dt_limit, chunk_size=chunk_size)
+    dt = discretize_dt(dt_raw, dt_bias, dt_limit, _compute_dtype(x, dt_raw, A, B, C, initial_state))
     if backend == "reference":
         return ssd_scan_ref(x, dt, A, B, C, D=D, initial_state=initial_state)
-    if backend in ("chunked", "triton"):
+    if backend == "chunked":
         return ssd_scan_chunked(x, dt, A, B, C, D=D, initial_state=initial_state, chunk_size=chunk_size)
-    raise ValueError(f"unknown SSD scan backend {backend!r}; choose one of {BACKENDS}")
+    raise ValueError(f"unknown SSD scan backend {backend!r}; choose one of {BACKENDS} or auto")

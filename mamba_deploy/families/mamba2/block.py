@@ -24,7 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops.causal_conv import causal_conv1d, causal_conv1d_step
-from ...ops.ssd import discretize_dt, ssd_scan, ssd_state_update
+from ...ops.ssd import discretize_dt, resolve_backend, ssd_scan, ssd_state_update
 from .config import Mamba2Config
 
 
@@ -50,6 +50,8 @@ class GatedRMSNorm(nn.Module):
 
 
 class Mamba2Mixer(nn.Module):
+    resolve_scan_backend = staticmethod(resolve_backend)
+
     def __init__(self, cfg: Mamba2Config, device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
@@ -91,13 +93,14 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(self.norm(y.flatten(-2), z))
 
     # -- full sequence (training, prefill) -----------------------------------------------------------------------
-    def forward(self, h: torch.Tensor, conv_state=None, ssm_state=None, scan_backend: str = "chunked"):
+    def forward(self, h: torch.Tensor, conv_state=None, ssm_state=None, scan_backend: str = "auto"):
         """h: [b, L, d_model] → (out [b, L, d_model], conv_state, ssm_state). States may be None (zeros)."""
         z, xbc, dt_raw = self._split(self.in_proj(h))
         xbc, conv_state = causal_conv1d(xbc.transpose(1, 2), conv_state, self.conv1d.weight, self.conv1d.bias)
         x, B, C = self._split_xbc(xbc.transpose(1, 2))
-        y, ssm_state = ssd_scan(x, self._dt(dt_raw), self.A(), B, C, D=self.D_heads(), initial_state=ssm_state,
-                                backend=scan_backend, chunk_size=self.cfg.chunk_size)
+        y, ssm_state = ssd_scan(x, dt_raw, self.A(), B, C, D=self.D_heads(), dt_bias=self.dt_bias.float(),
+                                dt_limit=self.cfg.dt_limit, initial_state=ssm_state,
+                                backend=resolve_backend(scan_backend, h.device), chunk_size=self.cfg.chunk_size)
         return self._out(y, z), conv_state, ssm_state
 
     # -- one token (decode) --------------------------------------------------------------------------------------

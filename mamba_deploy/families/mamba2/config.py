@@ -30,6 +30,15 @@ TOKENIZER_VOCAB_KEY = "tokenizer_vocab_size"   # our extra key in the HF config.
 INF = float("inf")
 
 
+def _number(v) -> float:
+    """A JSON number; also ``Infinity`` as a string or as transformers 5 writes it, ``{"__float__": "Infinity"}``."""
+    if isinstance(v, dict):
+        v = v["__float__"]
+    if isinstance(v, bool):
+        raise TypeError(v)
+    return float(v)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mamba2Config:
     family: ClassVar[str] = "mamba2"
@@ -60,8 +69,8 @@ class Mamba2Config:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UserError(f"config field {name} must be a positive integer, got {value!r}")
         try:
-            lo, hi = (float(v) for v in self.dt_limit)
-        except (TypeError, ValueError):
+            lo, hi = (_number(v) for v in self.dt_limit)
+        except (TypeError, ValueError, KeyError):
             raise UserError(f"config field dt_limit must be two numbers (min, max), got {self.dt_limit!r}") from None
         if not 0.0 <= lo < hi:
             raise UserError(f"config field dt_limit must satisfy 0 <= min < max, got {self.dt_limit!r}")
