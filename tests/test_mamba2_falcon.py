@@ -212,3 +212,34 @@ def test_weights_of_one_family_with_config_of_another_refused(reference, tmp_pat
     (bad / "config.json").write_text(json.dumps({"d_model": 32, "n_layer": 2, "vocab_size": 96, "ssm_cfg": ssm_cfg,
                                                  "pad_vocab_size_multiple": 1, "tie_embeddings": False}))
     _one_line_error(["info", "--model", str(bad)], "config.json")
+
+
+# ---- training (chunked scan on the CPU) ------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,extra", [("mamba2", ["model.headdim=16", "model.ngroups=2", "model.chunk_size=16"]),
+                                          ("falcon_mamba", [])])
+def test_train_on_cpu_and_checkpoint_is_a_model(tmp_path, family, extra):
+    """induction-tiny with the other family's block: the loss falls, the checkpoint loads, exports and checks."""
+    from mamba_deploy.training.config import load_config
+    from mamba_deploy.training.data import InductionHeads
+    from mamba_deploy.training.evaluate import evaluate_forward
+
+    run = tmp_path / "run"
+    sets = [f'model.family="{family}"'] + extra + ["eval.every=50", "eval.samples=64", "eval.step_lengths=[40]",
+                                                  "eval.step_samples=8"]
+    args = ["train", "--config", "induction-tiny", "--out", str(run), "--max-steps", "50", "--device", "cpu",
+            "--no-progress", "--set", "train.scan_backend=\"auto\""]
+    for s in sets:
+        args += ["--set", s]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    summary = json.loads((run / "summary.json").read_text())
+    trained = load_model(summary["checkpoint"])
+    assert trained.config.family == family
+    cfg = load_config("induction-tiny")
+    batches = InductionHeads(cfg.data.seq_len, cfg.data.vocab).valid_batches(seed=123, samples=128, batch=64)
+    init = random_model(trained.config, seed=cfg.train.seed)
+    loss_init = evaluate_forward(init, batches, 16, "cpu")["loss"]
+    loss_trained = evaluate_forward(trained, batches, 16, "cpu")["loss"]
+    assert loss_trained < loss_init - 0.03, (loss_init, loss_trained)
+    r = CliRunner().invoke(main, ["export", "--model", summary["checkpoint"], "--out", str(tmp_path / "onnx")])
+    assert r.exit_code == 0, r.output

@@ -176,3 +176,44 @@ def test_prefill_from_a_state_matches_torch(artifacts, opset):
     assert (logits - ref_logits[:, -1].float()).abs().max().item() <= 1e-5
     for a, b in zip(state.ssm + state.conv, ref_state.ssm + ref_state.conv):
         assert a.shape == b.shape and (a - b).abs().max().item() <= 1e-5
+
+
+def test_generate_and_bench_on_cpu(artifacts, tmp_path):
+    """generate: ONNX Runtime (both forms) gives the torch backend's greedy tokens; bench runs and writes JSON."""
+    _, _, get = artifacts
+    outs = []
+    for art, backend in ((get(18), "torch"), (get(18), "onnxruntime"), (get(STANDARD), "onnxruntime")):
+        r = _cli("generate", "--artifact", art, "--backend", backend, "--prompt-ids", "1,2,3", "-n", 12)
+        assert r.exit_code == 0, r.output
+        outs.append(r.stdout.strip().splitlines()[-1])
+    assert outs[0] == outs[1] == outs[2] and len(outs[0].split("|")[1].split()) == 12
+    r = _cli("bench", "--artifact", get(18), "--backend", "onnxruntime,torch", "--batch", "1,2", "--prompt-len", 9,
+             "--gen-len", 4, "--reps", 1, "--warmup", 0, "--json", tmp_path / "b.json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "b.json").stat().st_size > 0
+
+
+def test_tensorrt_build_without_plugin(artifacts, tmp_path):
+    """TensorRT-RTX (no GPU needed) builds both engines with the ONNX function bodies inlined; with the plugin,
+    FalconMamba gets one selective-scan plugin layer per layer, and Mamba-2 a one-line error while the SSD ops have
+    no plugin."""
+    from mamba_deploy.trt import compat
+    if not compat.available():
+        pytest.skip("neither tensorrt nor tensorrt_rtx is installed (pip install 'mamba-deploy[tensorrt]')")
+    import shutil
+    family, _, get = artifacts
+    art = tmp_path / "art"
+    shutil.copytree(get(18), art)
+    r = _cli("build", "--artifact", art, "--no-plugin", "--max-batch", 2, "--max-prefill-len", 16)
+    assert r.exit_code == 0, r.output
+    report = json.loads((art / "build_report.json").read_text())
+    assert set(report["engines"]) == {"step", "prefill"} and not report["plugin"]
+    assert (art / "step.engine").stat().st_size > 0 and (art / "prefill.engine").stat().st_size > 0
+    r = _cli("build", "--artifact", art, "--max-batch", 2, "--max-prefill-len", 16)
+    if family == "mamba2":
+        lines = [l for l in r.output.strip().splitlines() if l.startswith("mamba-deploy: error:")]
+        assert r.exit_code == 2 and len(lines) == 1 and "--no-plugin" in lines[0], r.output
+    else:
+        assert r.exit_code == 0, r.output
+        engines = json.loads((art / "build_report.json").read_text())["engines"]
+        assert engines["step"]["plugin_layers"] == engines["prefill"]["plugin_layers"] == 2
