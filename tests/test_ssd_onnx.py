@@ -40,11 +40,14 @@ def _raw_dt(batch, L, H, seed):
     return 0.5 * torch.randn(batch, L, H, generator=g), torch.randn(H, generator=g) - 2.0
 
 
-@pytest.mark.parametrize("act", [torch.float32, torch.float16])
-@pytest.mark.parametrize("D_per_channel", [False, True])
-@pytest.mark.parametrize("dt_limit", [(0.0, float("inf")), (0.05, 0.5)])
-def test_ssd_scan_and_step_bodies_match_reference(act, D_per_channel, dt_limit):
-    b, L, H, P, G, N = 2, 11, 4, 3, 2, 5
+@pytest.mark.parametrize("act,D_per_channel,dt_limit,L", [
+    (act, D_per_channel, dt_limit, 11) for act in (torch.float32, torch.float16) for D_per_channel in (False, True)
+    for dt_limit in ((0.0, float("inf")), (0.05, 0.5))] + [
+    (torch.float32, True, (0.0, float("inf")), 1),      # a single position
+    (torch.float32, False, (0.05, 0.5), 150),           # 3 chunks of 64, the last padded
+    (torch.float16, True, (0.0, float("inf")), 128)])   # exactly 2 chunks
+def test_ssd_scan_and_step_bodies_match_reference(act, D_per_channel, dt_limit, L):
+    b, H, P, G, N = 2, 4, 3, 2, 5
     a = realistic_inputs(b, L, H=H, P=P, G=G, N=N, seed=3)
     dt_raw, dt_bias = _raw_dt(b, L, H, seed=4)
     D = torch.randn(H, P) if D_per_channel else torch.randn(H, 1)

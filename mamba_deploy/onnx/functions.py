@@ -340,44 +340,93 @@ def ssd_scan_step_function(opset: int) -> onnx.FunctionProto:
     return _function(contract.SSD_SCAN_STEP, b, opset)
 
 
-def _ssd_scan_body() -> onnx.GraphProto:
-    """One time step inside the Scan: state h [b, H, P, N]; scanned δ_t [b, H], δ_t·x_t [b, H, P], B_t, C_t
-    [b, H, N] (fp32, already per head). A [H] comes from the enclosing scope as ``ssd_A_f32``."""
-    b = _Body("st/")
-    decay = b.op("Unsqueeze", [b.op("Exp", [b.op("Mul", ["s_dt", "ssd_A_f32"], "dtA")], "dA"),
-                               b.const_ints([2, 3])], "dA4")
-    dBx = b.op("Mul", [b.op("Unsqueeze", ["s_dtx", b.const_ints([3])], "dtx4"),
-                       b.op("Unsqueeze", ["s_B", b.const_ints([2])], "B4")], "dBx")
-    b.nodes.append(helper.make_node("Add", [b.op("Mul", [decay, "s_prev"], "dAh"), dBx], ["s_next"]))
-    b.nodes.append(helper.make_node("ReduceSum", [b.op("Mul", ["s_next", b.op("Unsqueeze", ["s_C", b.const_ints([2])],
-                                                                                 "C4")], "hC"),
-                                                  b.const_ints([-1])], ["s_y"], keepdims=0))
+SSD_CHUNK = 64   # chunk length of the SSDScan body (shorter sequences: one chunk of their length)
+
+
+def _ssd_chunk_body() -> onnx.GraphProto:
+    """One chunk inside the Scan (the matrix form of ops/ssd.py ``ssd_scan_chunked``): state S [b, H, P, N];
+    scanned per chunk of Q positions: δ·x [b, Q, H, P], a = δ·A [b, Q, H], B, C [b, Q, H, N] (fp32, per head)."""
+    b = _Body("ck/")
     f = TensorProto.FLOAT
+    a = b.op("Transpose", ["c_a"], "aT", perm=[0, 2, 1])                                     # [b, H, Q]
+    X = b.op("Transpose", ["c_dtx"], "X", perm=[0, 2, 1, 3])                                 # [b, H, Q, P]
+    Bh = b.op("Transpose", ["c_B"], "Bh", perm=[0, 2, 1, 3])                                 # [b, H, Q, N]
+    Ch = b.op("Transpose", ["c_C"], "Ch", perm=[0, 2, 1, 3])
+    Q = b.op("Slice", [b.op("Shape", [a], "shape_a"), b.const_ints([2]), b.const_ints([3])], "Q")
+    ones = b.op("ConstantOfShape", [b.op("Concat", [Q, Q], "QQ", axis=0)], "ones",
+                value=helper.make_tensor("one", f, [1], [1.0]))
+    below = b.op("Trilu", [ones, b.const_ints([-1])], "below", upper=0)                      # i > j
+    on_or_below = b.op("Cast", [b.op("Trilu", [ones], "tril", upper=0)], "incl", to=TensorProto.BOOL)
+    # segment sums S[i, j] = Σ_{j<k≤i} a_k, each summed from its own terms (cumsum down a masked copy)
+    seg = b.op("CumSum", [b.op("Mul", [b.op("Unsqueeze", [a, b.const_ints([-1])], "a_col"), below], "terms"),
+                          b.const_ints([2])], "seg")
+    neg_inf = b.op("Constant", [], "neg_inf", value=helper.make_tensor("neg_inf", f, [], [float("-inf")]))
+    decay = b.op("Exp", [b.op("Where", [on_or_below, seg, neg_inf], "seg_masked")], "L")    # [b, H, Q, Q]
+    # within the chunk: y_i = Σ_{j≤i} exp(S[i, j]) (C_i·B_j) δ_j x_j
+    scores = b.op("Mul", [b.op("MatMul", [Ch, b.op("Transpose", [Bh], "BhT", perm=[0, 1, 3, 2])], "CB"), decay],
+                  "scores")
+    y = b.op("MatMul", [scores, X], "y_diag")
+    # the start state read out: C_i·S_start·exp(Σ_{k≤i} a_k)
+    from_start = b.op("Exp", [b.op("CumSum", [a, b.const_ints([2])], "a_cum")], "from_start")
+    y_off = b.op("MatMul", [Ch, b.op("Transpose", ["c_prev"], "SprevT", perm=[0, 1, 3, 2])], "CS")
+    y = b.op("Add", [y, b.op("Mul", [y_off, b.op("Unsqueeze", [from_start, b.const_ints([-1])], "fs4")], "y_off")],
+             "y_chunk")
+    b.nodes.append(helper.make_node("Transpose", [y], ["c_y"], perm=[0, 2, 1, 3]))            # [b, Q, H, P]
+    # next state: exp(Σ_chunk a)·S + Σ_j exp(S[Q−1, j]) (δ_j x_j) ⊗ B_j
+    last = b.op("Sub", [Q, b.const_ints([1])], "Q_1")
+    to_end = b.op("Gather", [decay, b.op("Squeeze", [last], "q_last")], "to_end", axis=2)   # [b, H, Q]
+    weighted = b.op("Mul", [X, b.op("Unsqueeze", [to_end, b.const_ints([-1])], "te4")], "X_w")
+    inflow = b.op("MatMul", [b.op("Transpose", [weighted], "XwT", perm=[0, 1, 3, 2]), Bh], "inflow")  # [b,H,P,N]
+    total = b.op("Exp", [b.op("ReduceSum", [a, b.const_ints([2])], "a_sum", keepdims=1)], "chunk_decay")  # [b,H,1]
+    carried = b.op("Mul", [b.op("Unsqueeze", [total, b.const_ints([-1])], "cd4"), "c_prev"], "carried")
+    b.nodes.append(helper.make_node("Add", [carried, inflow], ["c_next"]))
     return helper.make_graph(
-        b.nodes, "ssd_scan_step_body",
-        [helper.make_tensor_value_info(n, f, None) for n in ("s_prev", "s_dt", "s_dtx", "s_B", "s_C")],
-        [helper.make_tensor_value_info("s_next", f, None), helper.make_tensor_value_info("s_y", f, None)])
+        b.nodes, "ssd_chunk_body",
+        [helper.make_tensor_value_info(n, f, None) for n in ("c_prev", "c_dtx", "c_a", "c_B", "c_C")],
+        [helper.make_tensor_value_info("c_next", f, None), helper.make_tensor_value_info("c_y", f, None)])
 
 
 def ssd_scan_function(opset: int) -> onnx.FunctionProto:
     """SSDScan: x [b, L, H, P]; δ_raw [b, L, H]; A, dt_bias [H]; B, C [b, L, G, N]; D [H, P|1]; h_0 [b, H, P, N].
 
-    The recurrence runs as an ONNX ``Scan`` over time, so the graph does not grow with L."""
+    The chunked SSD (chunks of Q = min(SSD_CHUNK, L) positions, the tail padded with δ = 0, which leaves the state
+    untouched) runs as an ONNX ``Scan`` over chunks, so the graph does not grow with L and the state is passed once
+    per chunk, not once per position."""
     b = _Body("ssd/")
     x, dt_raw, A, B, C, D, dt_bias, h0 = (p.name for p in contract.SSD_SCAN.inputs)
     y_name, h_out = (p.name for p in contract.SSD_SCAN.outputs)
     dt = _ssd_dt(b, dt_raw, dt_bias)                                                          # [b, L, H]
     x32 = b.f32(x)
     dtx = b.op("Mul", [b.op("Unsqueeze", [dt, b.const_ints([3])], "dt4"), x32], "dtx")        # [b, L, H, P]
-    time_major = dict(perm=[1, 0, 2, 3])
-    scanned = [b.op("Transpose", [dt], "dt_t", perm=[1, 0, 2]),                              # [L, b, H]
-               b.op("Transpose", [dtx], "dtx_t", **time_major),                                # [L, b, H, P]
-               b.op("Transpose", [_groups_to_heads(b, B, x, 2)], "B_t", **time_major),        # [L, b, H, N]
-               b.op("Transpose", [_groups_to_heads(b, C, x, 2)], "C_t", **time_major)]
-    b.nodes.append(helper.make_node("Identity", [A], ["ssd_A_f32"]))          # name the body's outer-scope input
-    b.nodes.append(helper.make_node("Scan", [h0] + scanned, [h_out, "ssd/y_t"], num_scan_inputs=4,
-                                    body=_ssd_scan_body()))
-    y = b.op("Transpose", ["ssd/y_t"], "y", **time_major)                                     # [b, L, H, P]
+    a = b.op("Mul", [dt, A], "a")                                                             # δ·A [b, L, H]
+    Bh, Ch = _groups_to_heads(b, B, x, 2), _groups_to_heads(b, C, x, 2)                       # [b, L, H, N]
+    # chunking: L → nc·Q (zero padding), [b, nc·Q, ...] → [nc, b, Q, ...]
+    L = b.op("Slice", [b.op("Shape", [x], "shape_x"), b.const_ints([1]), b.const_ints([2])], "L")
+    Q = b.op("Max", [b.op("Min", [L, b.const_ints([SSD_CHUNK])], "Q0"), b.const_ints([1])], "Q")
+    nc = b.op("Div", [b.op("Sub", [b.op("Add", [L, Q], "LQ"), b.const_ints([1])], "LQ1"), Q], "nc")
+    pad = b.op("Sub", [b.op("Mul", [nc, Q], "ncQ"), L], "pad")
+    zero = b.const_ints([0])
+
+    def chunked(t, rank):   # pad axis 1, then [b, nc·Q, *rest] → [nc, b, Q, *rest]
+        pads = b.op("Concat", [zero, zero] + [zero] * (rank - 2) + [zero, pad] + [zero] * (rank - 2), "pads", axis=0)
+        t = b.op("Pad", [t, pads], "padded")
+        dims = b.op("Shape", [t], "shape_t")
+        shape = b.op("Concat", [b.op("Slice", [dims, b.const_ints([0]), b.const_ints([1])], "batch"), nc, Q,
+                                b.op("Slice", [dims, b.const_ints([2]), b.const_ints([rank])], "rest")],
+                     "chunk_shape", axis=0)
+        t = b.op("Reshape", [t, shape], "chunks")
+        return b.op("Transpose", [t], "chunk_major", perm=[1, 0] + list(range(2, rank + 1)))
+
+    scanned = [chunked(dtx, 4), chunked(a, 3), chunked(Bh, 4), chunked(Ch, 4)]
+    b.nodes.append(helper.make_node("Scan", [h0] + scanned, [h_out, "ssd/y_chunks"], num_scan_inputs=4,
+                                    body=_ssd_chunk_body()))
+    y = b.op("Transpose", ["ssd/y_chunks"], "y_bc", perm=[1, 0, 2, 3, 4])                   # [b, nc, Q, H, P]
+    dims = b.op("Shape", [y], "shape_y")
+    y = b.op("Reshape", [y, b.op("Concat", [b.op("Slice", [dims, zero, b.const_ints([1])], "batch"),
+                                            b.const_ints([-1]),
+                                            b.op("Slice", [dims, b.const_ints([3]), b.const_ints([5])], "HP")],
+                                 "flat_shape", axis=0)], "y_padded")                          # [b, nc·Q, H, P]
+    y = b.op("Slice", [y, zero, L, b.const_ints([1])], "y")                                   # [b, L, H, P]
     _ssd_skip(b, y, x32, D, x, y_name)
     return _function(contract.SSD_SCAN, b, opset)
 
