@@ -89,7 +89,7 @@ def test_config_that_does_not_match_weights(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("patch,needle", [
-    ({"ssm_cfg": {"layer": "Mamba2"}}, "Mamba2"),
+    ({"ssm_cfg": {"layer": "Mamba3"}}, "Mamba3"),
     ({"attn_layer_idx": [1]}, "attention"),
     ({"rms_norm": False}, "LayerNorm"),
 ])
@@ -99,10 +99,16 @@ def test_unsupported_state_spaces_configs_refused(tiny_checkpoint, tmp_path, pat
         inspect(out)
 
 
-def test_hf_mamba2_refused(tiny_checkpoint, tmp_path):
-    out = with_config(tiny_checkpoint("hf"), tmp_path / "m2", model_type="mamba2")
-    with pytest.raises(UserError, match="mamba2"):
+def test_hf_hybrid_model_type_refused(tiny_checkpoint, tmp_path):
+    out = with_config(tiny_checkpoint("hf"), tmp_path / "jamba", model_type="jamba")
+    with pytest.raises(UserError, match="jamba"):
         inspect(out)
+
+
+def test_mamba1_weights_under_a_mamba2_config_refused(tiny_checkpoint, tmp_path):
+    out = with_config(tiny_checkpoint("state-spaces"), tmp_path / "m2", ssm_cfg={"layer": "Mamba2", "d_state": 8})
+    with pytest.raises(UserError, match="do not match its config.json"):
+        load_model(out)
 
 
 def _cli(*args):

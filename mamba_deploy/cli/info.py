@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import click
 
@@ -13,17 +14,22 @@ def describe(info) -> dict:
     from ..model import MambaLM
     import torch
 
+    from ..families import family_of
+
     cfg = info.config
+    family = family_of(cfg)
     with torch.device("meta"):
         n_params = MambaLM(cfg).num_parameters()
-    conv_elems = cfg.n_layer * cfg.d_inner * cfg.d_conv
-    ssm_elems = cfg.n_layer * cfg.d_inner * cfg.d_state
+    conv_shape, ssm_shape = family.state_shapes(cfg)
+    conv_elems, ssm_elems = cfg.n_layer * math.prod(conv_shape), cfg.n_layer * math.prod(ssm_shape)
     return {
         "checkpoint": str(info.path),
+        "family": family.name,
         "config_format": info.config_format,
         "weights": info.weights_file,
         "weight_names": info.weight_format,
         "config": cfg.to_dict(),
+        "dims": family.dims(cfg),
         "parameters": n_params,
         "weight_bytes": {"fp32": 4 * n_params, "fp16": 2 * n_params, "bf16": 2 * n_params},
         "state_bytes_per_sequence": {p: conv_elems * b + ssm_elems * 4 for p, b in
@@ -68,9 +74,10 @@ def command(model_ref, as_json, allow_nonfinite):
         return
     c = d["config"]
     click.echo(f"checkpoint   {d['checkpoint']}")
+    click.echo(f"family       {d['family']}")
     click.echo(f"format       config: {d['config_format']}, weights: {d['weights']} ({d['weight_names']} names)")
-    click.echo(f"shape        d_model={c['d_model']} n_layer={c['n_layer']} d_inner={c['d_inner']} "
-               f"d_state={c['d_state']} d_conv={c['d_conv']} dt_rank={c['dt_rank_value']}")
+    click.echo(f"shape        d_model={c['d_model']} n_layer={c['n_layer']} "
+               + " ".join(f"{k}={v}" for k, v in d["dims"].items()))
     click.echo(f"vocab        {c['vocab_size']} (padded to {c['padded_vocab_size']})")
     click.echo(f"parameters   {d['parameters']:,}")
     click.echo(f"stored as    {', '.join(d['stored_dtype'])}")

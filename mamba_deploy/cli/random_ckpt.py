@@ -9,7 +9,8 @@ from .options import dtype_option
 
 @click.command(name="random")
 @click.option("--size", type=click.Choice(list(SIZES)), default="tiny", show_default=True,
-              help="Shape of a released Mamba-1 model (tiny: d_model 64, 2 layers, byte vocabulary).")
+              help="Shape of a released model: Mamba-1 (tiny: d_model 64, 2 layers, byte vocabulary; 130m … 2.8b), "
+                   "Mamba-2 (mamba2-tiny, mamba2-130m … mamba2-2.7b) or FalconMamba (falcon-mamba-tiny).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--format", "fmt", type=click.Choice(["state-spaces", "hf"]), default="state-spaces",
               show_default=True, help="Checkpoint format.")

@@ -1,4 +1,4 @@
-"""Model families: one package per family (today ``mamba1``), found through this registry.
+"""Model families: one package per family (``mamba1``, ``mamba2``, ``falcon_mamba``), found through this registry.
 
 ``detect(raw)`` tells the config.json dialect (state-spaces: has ``d_model``; Hugging Face: has ``hidden_size`` or a
 ``model_type``) and the family (state-spaces: ``ssm_cfg.layer``; Hugging Face: ``model_type``). ``family_of(config)``
@@ -12,11 +12,13 @@ from typing import Any
 
 from ..errors import UserError
 from .base import DIALECTS, HF, STATE_SPACES, Family, Weight, WeightSpec, weight_table
+from .falcon_mamba import FAMILY as FALCON_MAMBA
 from .mamba1 import FAMILY as MAMBA1
+from .mamba2 import FAMILY as MAMBA2
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (MAMBA1,)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (MAMBA1, MAMBA2, FALCON_MAMBA)}
 
-__all__ = ["DIALECTS", "FAMILIES", "HF", "STATE_SPACES", "Family", "Weight", "WeightSpec", "detect", "family_of",
+__all__ = ["DIALECTS", "FAMILIES", "SIZES", "config_for_size", "HF", "STATE_SPACES", "Family", "Weight", "WeightSpec", "detect", "family_of",
            "read_config", "config_from_json", "config_from_manifest", "weight_table"]
 
 
@@ -80,3 +82,22 @@ def family_of(config) -> Family:
         return FAMILIES[config.family]
     except (AttributeError, KeyError):
         raise UserError(f"{type(config).__name__} names no registered model family") from None
+
+
+def _named_sizes() -> dict[str, tuple[Family, dict]]:
+    from .falcon_mamba.config import SIZES as falcon_sizes
+    from .mamba1.config import SIZES as mamba1_sizes
+    from .mamba2.config import SIZES as mamba2_sizes
+    return {**{n: (MAMBA1, kw) for n, kw in mamba1_sizes.items()}, **{n: (MAMBA2, kw) for n, kw in mamba2_sizes.items()},
+            **{n: (FALCON_MAMBA, kw) for n, kw in falcon_sizes.items()}}
+
+
+SIZES: dict[str, tuple[Family, dict]] = _named_sizes()   # name → (family, config fields), every family's shapes
+
+
+def config_for_size(name: str, **overrides):
+    """The config of a named shape of any family (``random --size``, ``bench --random``)."""
+    if name not in SIZES:
+        raise UserError(f"unknown model size '{name}'; choose one of {', '.join(SIZES)}")
+    family, fields = SIZES[name]
+    return family.config_class(**{**fields, **overrides})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ...model import MambaMixer
+from ..mamba1.block import MambaMixer
 
 
 def weightless_rms_norm(v: torch.Tensor, eps: float) -> torch.Tensor:
