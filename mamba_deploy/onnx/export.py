@@ -33,7 +33,8 @@ from ..errors import UserError
 from ..families import family_of, weight_table
 from ..model import MambaLM
 from . import contract
-from .functions import SCAN_ALGORITHMS, functions
+from . import standard_ops
+from .functions import SCAN_ALGORITHMS, functions, ssd_functions
 from .quantize import QDQ_MIN_OPSET, QuantSpec, is_quantized, linear_op, quantize_weight
 
 ALIGN = 4096                       # page-aligned offsets let runtimes memory-map the weights
@@ -42,7 +43,7 @@ F32 = TensorProto.FLOAT
 
 
 def max_opset() -> int:
-    """Newest default-domain opset the contract's IR version allows."""
+    """Newest default-domain opset the contract's IR version allows (opsets above it are standard-op forms)."""
     return max(row[2] for row in helper.VERSION_TABLE if row[1] <= contract.IR_VERSION)
 
 
@@ -50,9 +51,12 @@ MIN_OPSET = 18                     # ReduceMean/ReduceSum take axes as an input,
 
 
 def check_opset(opset: int) -> int:
-    if not MIN_OPSET <= opset <= max_opset():
-        raise UserError(f"--opset {opset} is not supported; choose {MIN_OPSET}…{max_opset()} (IR version "
-                        f"{contract.IR_VERSION})")
+    """Opsets MIN_OPSET…max_opset() (custom-op form) and standard_ops.MIN_OPSET (the standard-op form)."""
+    defined = onnx.defs.onnx_opset_version() >= standard_ops.MIN_OPSET
+    if not (MIN_OPSET <= opset <= max_opset() or (opset == standard_ops.MIN_OPSET and defined)):
+        extra = f" or {standard_ops.MIN_OPSET} (standard-op form)" if defined else \
+            f" ({standard_ops.MIN_OPSET}, the standard-op form, needs onnx >= 1.23)"
+        raise UserError(f"--opset {opset} is not supported; choose {MIN_OPSET}…{max_opset()}{extra}")
     return opset
 
 
@@ -71,6 +75,11 @@ def check_quant(quant: QuantSpec | None, act_dtype: torch.dtype, opset: int) -> 
     if quant.fmt == "qdq" and opset < QDQ_MIN_OPSET:
         raise UserError(f"--quant-format qdq needs --opset {QDQ_MIN_OPSET} or newer (int4 tensors, blocked "
                         f"DequantizeLinear); got {opset}")
+
+
+def ir_version_for(opset: int) -> int:
+    """The contract's IR version, or the lowest IR version that carries ``opset`` if that is higher."""
+    return max(contract.IR_VERSION, helper.find_min_ir_version_for([helper.make_opsetid("", opset)]))
 
 
 # ---- weights ---------------------------------------------------------------------------------------------------
@@ -162,10 +171,10 @@ class GraphBuilder:
         used_ops = {n.op_type for n in self.nodes if n.domain == contract.DOMAIN}
         extra = [helper.make_opsetid("com.microsoft", 1)] if any(n.domain == "com.microsoft" for n in self.nodes) else []
         return helper.make_model(
-            graph, ir_version=contract.IR_VERSION, producer_name=artifact.EXPORTER_NAME, producer_version=__version__,
+            graph, ir_version=ir_version_for(opset), producer_name=artifact.EXPORTER_NAME, producer_version=__version__,
             opset_imports=[helper.make_opsetid("", opset),
                            helper.make_opsetid(contract.DOMAIN, contract.DOMAIN_VERSION)] + extra,
-            functions=[f for f in functions(opset, self.prefill_scan) if f.name in used_ops])
+            functions=[f for f in functions(opset, self.prefill_scan) + ssd_functions(opset) if f.name in used_ops])
 
 
 class LMGraphs:
@@ -182,6 +191,12 @@ class LMGraphs:
         self.rif32 = model.config.residual_in_fp32
         self.res_dtype = F32 if self.rif32 else act
         self.has_lm_head = not model.config.tie_embeddings
+        self.opset = contract.DEFAULT_OPSET
+
+    @property
+    def standard_ops(self) -> bool:
+        """Emit the standard-op form (LinearAttention, CausalConvWithState) instead of our custom nodes."""
+        return self.opset >= standard_ops.MIN_OPSET
 
     # -- pieces ----------------------------------------------------------------------------------------------
     def linear(self, g: GraphBuilder, x, key: str, bias: bool, features: tuple[int, int] | None = None):
@@ -211,6 +226,44 @@ class LMGraphs:
 
     def to_act(self, g: GraphBuilder, x):
         return x if self.act == F32 else g.cast(x, self.act, "act")
+
+    def to_f32(self, g: GraphBuilder, x):
+        return x if self.act == F32 else g.cast(x, F32, "f32")
+
+    def discretize_dt(self, g: GraphBuilder, dt_raw, bias: str, limit=None):
+        """δ = clip(softplus(δ_raw + bias), *limit) in fp32, for the standard-op form (the custom ops do it inside)."""
+        return standard_ops.discretize(g, self.to_f32(g, dt_raw), bias, limit=limit)
+
+    def conv_step(self, g: GraphBuilder, u, i: int, p: str, bias: bool):
+        """One token of the causal conv + SiLU: u [b, c] (export dtype) → [b, c] (export dtype); conv state
+        ``contract.conv_state_name(i)`` [b, c, d_conv] ← [state[..., 1:], u] (the last d_conv inputs, pre-conv)."""
+        if self.standard_ops:
+            return g.op("Squeeze", [self.conv_prefill(g, g.op("Unsqueeze", [u, g.ints([2])], "u_col"), i, p, bias),
+                                    g.ints([2])], "conv_step")
+        shifted = g.op("Slice", [contract.conv_state_name(i), g.ints([1]), g.ints([INT_MAX]), g.ints([2])], "shift")
+        conv = g.op("Concat", [shifted, g.op("Unsqueeze", [u, g.ints([-1])], "u_col")], axis=2,
+                    out=contract.conv_state_name(i, out=True))
+        w = g.op("Squeeze", [p + "conv1d.weight", g.ints([1])], "conv_w")                       # [c, k] fp32
+        xc = g.op("ReduceSum", [g.op("Mul", [self.to_f32(g, conv), w], "taps"), g.ints([-1])], "conv", keepdims=0)
+        if bias:
+            xc = g.op("Add", [xc, p + "conv1d.bias"], "conv_b")
+        return self.to_act(g, self.silu_f32(g, xc))
+
+    def conv_prefill(self, g: GraphBuilder, u, i: int, p: str, bias: bool):
+        """Causal conv + SiLU over a sequence: u [b, c, L] (export dtype) → [b, c, L] (export dtype), from and to the
+        conv state of layer i; fp32 math with the fp32 conv weights."""
+        k = self.cfg.d_conv
+        state, state_out = contract.conv_state_name(i), contract.conv_state_name(i, out=True)
+        if self.standard_ops:
+            return self.to_act(g, standard_ops.causal_conv(g, u, self.to_f32(g, u), state, state_out,
+                                                           p + "conv1d.weight", p + "conv1d.bias" if bias else None, k))
+        history = g.op("Concat", [state, u], "history", axis=2)                                 # [b, c, k + L]
+        g.op("Slice", [history, g.ints([-k]), g.ints([INT_MAX]), g.ints([2])], out=state_out)
+        window = g.op("Slice", [history, g.ints([1]), g.ints([INT_MAX]), g.ints([2])], "window")  # [b, c, k−1+L]
+        conv_in = [self.to_f32(g, window), p + "conv1d.weight"] + ([p + "conv1d.bias"] if bias else [])
+        channels = self.state_shapes[0][0]
+        xc = g.op("Conv", conv_in, "conv", group=channels, kernel_shape=[k])                      # [b, c, L]
+        return self.to_act(g, self.silu_f32(g, xc))
 
     def step_mixer(self, g: GraphBuilder, h, i: int):
         raise NotImplementedError
@@ -243,6 +296,7 @@ class LMGraphs:
         g.op("Constant", [], out="norm_eps", value=helper.make_tensor("norm_eps", F32, [], [self.cfg.norm_eps]))
 
     def step_graph(self, weights: WeightStore, opset: int) -> onnx.ModelProto:
+        self.opset = opset
         g = GraphBuilder(weights)
         self._eps(g)
         h = g.op("Gather", ["backbone.embedding.weight", "input_ids"], "embed", axis=0)          # [b, d_model]
@@ -252,6 +306,7 @@ class LMGraphs:
 
     def prefill_graph(self, weights: WeightStore, opset: int, all_logits: bool,
                       prefill_scan: str = "chunked") -> onnx.ModelProto:
+        self.opset = opset
         c = self.cfg
         g = GraphBuilder(weights, prefill_scan)
         self._eps(g)
@@ -370,7 +425,7 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
     finally:
         weights.close()
     builder = family.graph_emitter()(model, weights, act.onnx, quant)
-    graphs, used = {}, {}
+    graphs, used, attributes = {}, {}, {}
     for graph, build in (("step", lambda: builder.step_graph(weights, opset)),
                          ("prefill", lambda: builder.prefill_graph(weights, opset, all_logits, prefill_scan))):
         say(f"building {graph} graph")
@@ -378,7 +433,9 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
         file = artifact.GRAPH_FILES[graph]
         (out_dir / file).write_bytes(proto.SerializeToString())
         graphs[graph] = {"file": file, **_io_spec(proto)}
-        used[graph] = collections.Counter(n.op_type for n in proto.graph.node if n.domain == contract.DOMAIN)
+        custom = [n for n in proto.graph.node if n.domain == contract.DOMAIN]
+        used[graph] = collections.Counter(n.op_type for n in custom)
+        attributes.update({n.op_type: {a.name: helper.get_attribute_value(a) for a in n.attribute} for n in custom})
     graphs["prefill"]["all_logits"] = bool(all_logits)
     say("checking graphs")
     for graph in graphs.values():
@@ -386,16 +443,18 @@ def write_artifact(model: MambaLM, out_dir: Path, opset: int = contract.DEFAULT_
             onnx.checker.check_model(str(out_dir / graph["file"]))
         except onnx.checker.ValidationError as e:  # a bug of ours, not the user's: keep the details
             raise RuntimeError(f"exported {graph['file']} fails onnx.checker: {e}") from e
-    custom_ops = [   # every custom op the family's emitter used, per graph, with its node count
+    custom_ops = [   # every custom op the family's emitter used (none in the standard-op form), per graph, with
+        # its node count and attributes; ``plugin`` names our TensorRT plugin where one exists (contract.OPS)
         {"domain": contract.DOMAIN, "op_type": op, "version": contract.DOMAIN_VERSION,
-         "attributes": dict(contract.OPS[op].attributes), "function": True,
-         "plugin": {"name": op, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE},
+         "attributes": attributes[op], "function": True,
+         "plugin": ({"name": op, "version": contract.PLUGIN_VERSION, "namespace": contract.PLUGIN_NAMESPACE}
+                    if op in contract.OPS else None),
          "graph": graph, "count": count,
          **({"algorithm": prefill_scan} if op == contract.SELECTIVE_SCAN.op_type else {})}
         for graph, counts in used.items() for op, count in counts.items()]
     manifest = artifact.build_manifest(
         config=cfg, family=family, act_dtype=act_dtype, graphs=graphs, custom_ops=custom_ops,
-        onnx_info={"ir_version": contract.IR_VERSION, "opset": opset, "domain": contract.DOMAIN,
+        onnx_info={"ir_version": ir_version_for(opset), "opset": opset, "domain": contract.DOMAIN,
                    "domain_version": contract.DOMAIN_VERSION},
         source=source or source_ref(model), exporter_version=__version__)
     manifest["files"] += copy_tokenizer(model, out_dir)

@@ -151,6 +151,13 @@ def build(artifact, precision: str | None = None, max_batch: int = 8, opt_batch:
     flavor = compat.flavor()
     say = progress or (lambda msg: None)
     if use_plugin:
+        without = sorted({op["op_type"] for op in manifest.get("custom_ops", []) if not op.get("plugin")})
+        if without:
+            raise UserError(f"no TensorRT plugin for {', '.join(without)} yet; build with --no-plugin (TensorRT "
+                            "inlines their ONNX function bodies)")
+        if not manifest.get("custom_ops"):
+            raise UserError("this artifact has no custom ops (standard-op form, opset "
+                            f"{manifest['onnx']['opset']}); build it with --no-plugin")
         from .plugin import register_plugins
         register_plugins(trt)
     strongly_typed, precision_flag = _precision(trt, flavor, manifest["dtype"], precision)

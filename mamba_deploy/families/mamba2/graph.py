@@ -19,7 +19,8 @@ class Mamba2Graphs(LMGraphs):
     # -- pieces ----------------------------------------------------------------------------------------------
     def _split_in_proj(self, g: GraphBuilder, h, p: str):
         c = self.cfg
-        return g.op("Split", [self.linear(g, h, p + "in_proj", c.bias), g.ints([c.d_inner, c.conv_dim, c.nheads])],
+        return g.op("Split", [self.linear(g, h, p + "in_proj", c.bias, (c.d_model, c.d_in_proj)),
+                              g.ints([c.d_inner, c.conv_dim, c.nheads])],
                     "zxbcdt", n_out=3, axis=-1)
 
     def _split_xbc(self, g: GraphBuilder, xbc, lead: list[int]):
@@ -90,7 +91,7 @@ class Mamba2Graphs(LMGraphs):
         x, B, C = self._split_xbc(g, xbc, [0])
         y = self._ssd(g, contract.SSD_SCAN_STEP.op_type, x, dt, B, C, i, p)                         # [b, H, P]
         y = g.op("Reshape", [y, g.ints([0, c.d_inner])], "y_flat")
-        return self.linear(g, self.gated_norm(g, y, z, p), p + "out_proj", c.bias)
+        return self.linear(g, self.gated_norm(g, y, z, p), p + "out_proj", c.bias, (c.d_inner, c.d_model))
 
     # -- prefill graph ---------------------------------------------------------------------------------------
     def prefill_mixer(self, g: GraphBuilder, h, i: int, shape_bl):
@@ -103,4 +104,4 @@ class Mamba2Graphs(LMGraphs):
         dt = g.op("Reshape", [dt, g.op("Concat", [shape_bl, g.ints([c.nheads])], "shape", axis=0)], "dt_bLH")
         y = self._ssd(g, contract.SSD_SCAN.op_type, x, dt, B, C, i, p)                              # [b, L, H, P]
         y = g.op("Reshape", [y, g.ints([-1, c.d_inner])], "y_flat")
-        return self.linear(g, self.gated_norm(g, y, z, p), p + "out_proj", c.bias)
+        return self.linear(g, self.gated_norm(g, y, z, p), p + "out_proj", c.bias, (c.d_inner, c.d_model))
