@@ -3,7 +3,8 @@
 The file has one table per concern; every key is optional except what the data kind needs::
 
     name = "induction-tiny"
-    [model]      # any MambaConfig field (d_model, n_layer, d_state, expand, ...); vocab_size comes from the data
+    [model]      # family = "mamba1" (default) | "mamba2" | "falcon_mamba", then any field of that family's config
+                 # (d_model, n_layer, d_state, expand, headdim, ngroups, ...); vocab_size comes from the data
     [data]       # kind = "induction" | "copying" | "text", seq_len, task knobs or text path/tokenizer
     [optimizer]  # AdamW: lr, betas, eps, weight_decay, grad_clip
     [schedule]   # linear warmup then cosine decay to lr·min_lr_ratio
@@ -23,7 +24,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..config import MambaConfig
 from ..errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -111,20 +111,29 @@ class TrainConfig:
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
 
-    def model_config(self, vocab_size: int) -> MambaConfig:
-        """MambaConfig from the [model] table; vocab_size from the data unless the table sets it."""
-        fields = {f.name for f in dataclasses.fields(MambaConfig)}
-        unknown = set(self.model) - fields
+    def model_config(self, vocab_size: int):
+        """The family's config (``family`` key, default mamba1) from the [model] table; vocab_size from the data
+        unless the table sets it."""
+        from ..families import FAMILIES
+
+        table = dict(self.model)
+        family = table.pop("family", "mamba1")
+        if family not in FAMILIES:
+            raise UserError(f"[model] family '{family}' is not one of {', '.join(FAMILIES)}")
+        config_class = FAMILIES[family].config_class
+        fields = {f.name for f in dataclasses.fields(config_class)}
+        unknown = set(table) - fields
         if unknown:
-            raise UserError(f"[model] has unknown keys {sorted(unknown)}; valid keys: {', '.join(sorted(fields))}")
-        kw = {"vocab_size": vocab_size, **self.model}
+            raise UserError(f"[model] has unknown keys {sorted(unknown)} for family {family}; valid keys: "
+                            f"family, {', '.join(sorted(fields))}")
+        kw = {"vocab_size": vocab_size, **table}
         if kw["vocab_size"] < vocab_size:
             raise UserError(f"[model] vocab_size {kw['vocab_size']} is smaller than the data's vocabulary "
                             f"({vocab_size})")
         for k in ("d_model", "n_layer"):
             if k not in kw:
                 raise UserError(f"[model] must set {k}")
-        return MambaConfig(**kw)
+        return config_class(**kw)
 
 
 SECTIONS = {"data": DataConfig, "optimizer": OptimizerConfig, "schedule": ScheduleConfig,

@@ -17,6 +17,7 @@ rank), and only rank 0 logs, evaluates and writes files.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import random
@@ -112,11 +113,15 @@ def resolve_device(requested: str, dist: Dist) -> torch.device:
     return torch.device("cpu")
 
 
-def triton_scan_agrees(device: torch.device, precision: str) -> tuple[bool, str]:
-    """One training step of a tiny model with the Triton scan vs the chunked scan, under this run's autocast:
-    (agree, why not). Loss and every gradient within 1e-3 (fp32) or 5e-2 (bf16) of the largest entry."""
-    from ..config import MambaConfig
-    model = random_model(MambaConfig(d_model=32, n_layer=2, vocab_size=16), seed=0, device=device)
+def triton_scan_agrees(device: torch.device, precision: str, config=None) -> tuple[bool, str]:
+    """One training step of a small model (``config``'s family and widths, at most 2 layers, 16 tokens; default a
+    tiny Mamba-1) with the Triton scan vs the chunked scan, under this run's autocast: (agree, why not). Loss and
+    every gradient within 1e-3 (fp32) or 5e-2 (bf16) of the largest entry."""
+    if config is None:
+        from ..config import MambaConfig
+        config = MambaConfig(d_model=32, n_layer=2, vocab_size=16)
+    config = dataclasses.replace(config, n_layer=min(config.n_layer, 2), vocab_size=16)
+    model = random_model(config, seed=0, device=device)
     ids = torch.randint(0, 16, (3, 97), generator=torch.Generator().manual_seed(0)).to(device)
     results = []
     for backend in ("chunked", "triton"):
@@ -135,7 +140,7 @@ def triton_scan_agrees(device: torch.device, precision: str) -> tuple[bool, str]
     return True, ""
 
 
-def choose_scan_backend(requested: str, device: torch.device, precision: str, log) -> str:
+def choose_scan_backend(requested: str, device: torch.device, precision: str, log, config=None) -> str:
     """``auto``: on CUDA, the Triton scan if it imports and agrees with the chunked scan in a training step
     (:func:`triton_scan_agrees`); otherwise the chunked torch scan. Explicit names are taken as given."""
     if requested != "auto":
@@ -143,7 +148,7 @@ def choose_scan_backend(requested: str, device: torch.device, precision: str, lo
     if device.type != "cuda":
         return "chunked"
     try:
-        ok, why = triton_scan_agrees(device, precision)
+        ok, why = triton_scan_agrees(device, precision, config)
     except Exception as e:  # not there yet, or broken: training must still run
         ok, why = False, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     if not ok:
@@ -213,7 +218,8 @@ class Trainer:
         self.vocab = self.task.vocab_size
         self.model_config = cfg.model_config(self.vocab)
         self.precision = t.precision if t.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
-        self.scan_backend = choose_scan_backend(t.scan_backend, self.device, self.precision, self.log)
+        self.scan_backend = choose_scan_backend(t.scan_backend, self.device, self.precision, self.log,
+                                                self.model_config)
         self.model: MambaLM = random_model(self.model_config, seed=t.seed, device=self.device,
                                            scan_backend=self.scan_backend)
         o = cfg.optimizer
