@@ -217,3 +217,12 @@ def test_tensorrt_build_without_plugin(artifacts, tmp_path):
         assert r.exit_code == 0, r.output
         engines = json.loads((art / "build_report.json").read_text())["engines"]
         assert engines["step"]["plugin_layers"] == engines["prefill"]["plugin_layers"] == 2
+
+
+def test_torch_fast_refuses_other_families(artifacts):
+    from mamba_deploy.errors import UserError
+    from mamba_deploy.runtime import open_session
+
+    family, _, get = artifacts
+    with pytest.raises(UserError, match=f"Mamba-1 blocks only \\(this is a {family} model\\)"):
+        open_session(get(18), backend="torch-fast")

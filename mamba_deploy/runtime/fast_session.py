@@ -67,15 +67,20 @@ _OPERANDS = {"norm.weight": "norm_w", "mixer.in_proj.weight": "in_w", "mixer.in_
 _LAYER_PREFIX = "backbone.layers."
 
 
+def refuse_other_families(family: str) -> None:
+    """The fused kernels here are Mamba-1's block (FalconMamba's extra norms and Mamba-2's SSD are not in them)."""
+    if family != "mamba1":
+        raise UserError(f"backend torch-fast implements Mamba-1 blocks only (this is a {family} model); use "
+                        "--backend torch or onnxruntime")
+
+
 def kernel_weights(model: MambaLM) -> tuple[dict[str, torch.Tensor], list[_LayerWeights]]:
     """Every tensor the fast path's kernels read, from the family's weight table (``families.weight_table``):
     each in the form and dtype the ONNX artifact stores it (``Weight.artifact_tensor``: A = −exp(A_log); the rows
     the reference upcasts before use — norms, conv, δ bias, D — in fp32, the projections in the model's dtype),
     contiguous. Returns ({"embedding", "norm_f", "lm_head"}, per-layer operands). Raises UserError for a model
     family whose table has rows these Mamba-1 kernels have no operand for."""
-    if getattr(model.config, "family", "mamba1") != "mamba1":
-        raise UserError(f"backend torch-fast runs the mamba1 family only (this model: {model.config.family}); "
-                        "use --backend torch")
+    refuse_other_families(getattr(model.config, "family", "mamba1"))
     layers = [dict.fromkeys(_OPERANDS.values()) for _ in range(model.config.n_layer)]
     shared = {}
     for w in weight_table(model.config):
@@ -539,7 +544,9 @@ def open_fast_session(source, device="cuda", dtype=None, use_graph=None, small_b
     from ..checkpoint import load_model
     if is_artifact(source):
         from ..artifact import read_manifest
-        source = read_manifest(source)["source"]["checkpoint"]
+        manifest = read_manifest(source)
+        refuse_other_families(manifest["family"])
+        source = manifest["source"]["checkpoint"]
     if str(device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError("backend torch-fast needs a CUDA GPU and none is visible; use --backend torch")
     return FastSession(load_model(source, dtype=dtype or torch.float16, device=device,
