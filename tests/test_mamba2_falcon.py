@@ -278,6 +278,7 @@ def test_weights_of_one_family_with_config_of_another_refused(reference, tmp_pat
 
 
 # ---- training (chunked scan on the CPU) ------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("family,extra", [("mamba2", ["model.headdim=16", "model.ngroups=2", "model.chunk_size=16"]),
                                           ("falcon_mamba", [])])
 def test_train_on_cpu_and_checkpoint_is_a_model(tmp_path, family, extra):
