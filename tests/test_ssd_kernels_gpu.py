@@ -194,3 +194,34 @@ def test_rollout_1000_steps_drift():
     assert worst_y <= 1e-5 and drift <= 1e-5
     r = RESULTS["rollout_1000"]
     assert r["scan_vs_step_y_rel"] <= 1e-5 and r["scan_final_state_rel"] <= 1e-5
+
+
+# ---- the plugin's enqueue path ------------------------------------------------------------------------------------
+def _desc(t: torch.Tensor):
+    from types import SimpleNamespace
+    name = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16"}[t.dtype]
+    return SimpleNamespace(type=SimpleNamespace(name=name), dims=tuple(t.shape))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op_type", ["SSDScanStep", "SSDScan"])
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_plugin_enqueue_with_device_pointers(op_type, dtype):
+    """``ScanOpLogic.enqueue`` — the body of the TensorRT plugin's enqueue — for the Mamba-2 ops on fake
+    descriptors and raw device pointers, on a non-default stream, fields as an exported node sets them (D as the
+    contract's [H, 1])."""
+    from mamba_deploy.trt.plugin import ScanOpLogic
+    step = op_type == "SSDScanStep"
+    t = make_inputs(3, 1 if step else 129, 4, 24, 2, 17, DTYPES[dtype], seed=21, D_kind="head1")
+    logic = ScanOpLogic(op_type, {"dt_softplus": [1], "softplus_threshold": [20.0], "dt_min": [0.0],
+                                  "dt_max": [float("inf")]})
+    xs = {k: (t[k][:, 0].contiguous() if step else t[k]) for k in ("x", "dt", "B", "C")}
+    order = [xs["x"], xs["dt"], t["A"], xs["B"], xs["C"], t["D"], t["dt_bias"], t["state"]]
+    y, h = poisoned(xs["x"]), poisoned(t["state"])
+    stream = torch.cuda.Stream()
+    torch.cuda.current_stream().synchronize()
+    ret = logic.enqueue([_desc(v) for v in order], [_desc(y), _desc(h)], [v.data_ptr() for v in order],
+                        [y.data_ptr(), h.data_ptr()], 0, stream.cuda_stream)
+    stream.synchronize()
+    assert ret == 0
+    check(f"plugin enqueue {op_type} {dtype}", t, y[:, None] if step else y, h, dtype)

@@ -125,8 +125,11 @@ def test_missing_tensorrt_says_what_to_install(monkeypatch):
 
 
 # ---- the plugin's decisions, without TensorRT ----------------------------------------------------------------------
+MAMBA1_OPS = (contract.SELECTIVE_SCAN_STEP.op_type, contract.SELECTIVE_SCAN.op_type)
+
+
 def test_plugin_logic_pins_fp32_ports_and_ties_activation_dtypes():
-    for op_type in contract.OPS:
+    for op_type in MAMBA1_OPS:
         logic = ScanOpLogic(op_type)
         # in_out order: x, delta, A, B, C, D, delta_bias, z, ssm_state | y, ssm_state_out
         assert logic.fp32_positions == {2, 5, 6, 8, 10}
@@ -150,6 +153,24 @@ def test_plugin_logic_fields_follow_the_contract():
         ScanOpLogic("SelectiveScan", {"threshold": [1]})
 
 
+def test_ssd_plugin_logic_follows_the_contract():
+    """The Mamba-2 ops: fp32 ports pinned (A, D, dt_bias, state in/out), activations tied to x's dtype, fields =
+    the contract's attributes (dt_softplus, softplus_threshold, dt_min, dt_max)."""
+    for op_type in contract.SSD_OPS:
+        logic = ScanOpLogic(op_type)
+        assert logic.is_ssd and logic.is_scan == (op_type == contract.SSD_SCAN.op_type)
+        # in_out order: x, dt, A, B, C, D, dt_bias, ssm_state | y, ssm_state_out
+        assert logic.fp32_positions == {2, 5, 6, 7, 9}
+        for act in ("FLOAT", "HALF", "BF16"):
+            types = [act, act, "FLOAT", act, act, "FLOAT", "FLOAT", "FLOAT", act, "FLOAT"]
+            assert all(logic.supports(i, types, True) for i in range(10))
+        assert not logic.supports(7, ["HALF", "HALF", "FLOAT", "HALF", "HALF", "FLOAT", "FLOAT", "HALF"], True)
+        assert logic.output_dtypes(["BF16"] * 7 + ["FLOAT"]) == ["BF16", "FLOAT"]
+        assert logic.fields == contract.OPS[op_type].attributes
+    logic = ScanOpLogic("SSDScan", {"dt_min": [0.001], "dt_max": [0.1], "dt_softplus": [0]})
+    assert logic.fields["dt_min"] == pytest.approx(0.001) and logic.fields["dt_softplus"] == 0
+
+
 @needs_trt
 def test_plugin_creators_register_and_serialize_fields():
     from mamba_deploy.trt.plugin import plugin_classes, register_plugins
@@ -157,8 +178,11 @@ def test_plugin_creators_register_and_serialize_fields():
     trt = compat.tensorrt()
     assert register_plugins(trt) == list(contract.OPS)
     assert register_plugins(trt) == list(contract.OPS)  # idempotent
+    assert set(contract.SSD_OPS) <= set(contract.OPS)    # the Mamba-2 ops have their plugin too
     registry = trt.get_plugin_registry()
     for op_type in contract.OPS:
+        assert registry.get_creator(op_type, contract.PLUGIN_VERSION, contract.PLUGIN_NAMESPACE) is not None
+    for op_type in MAMBA1_OPS:
         creator = registry.get_creator(op_type, contract.PLUGIN_VERSION, contract.PLUGIN_NAMESPACE)
         assert creator is not None
         _, creator_cls = plugin_classes(trt)

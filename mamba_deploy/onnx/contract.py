@@ -124,9 +124,9 @@ SSD_SCAN = OpSpec(
     doc="The Mamba-2 SSD scan over a sequence from a given initial state (prefill, chunked prefill, resume).",
 )
 
-OPS = {op.op_type: op for op in (SELECTIVE_SCAN_STEP, SELECTIVE_SCAN)}     # those our TensorRT plugin implements
-SSD_OPS = {op.op_type: op for op in (SSD_SCAN_STEP, SSD_SCAN)}               # ONNX function bodies only, so far
-ALL_OPS = {**OPS, **SSD_OPS}
+SSD_OPS = {op.op_type: op for op in (SSD_SCAN_STEP, SSD_SCAN)}
+ALL_OPS = {op.op_type: op for op in (SELECTIVE_SCAN_STEP, SELECTIVE_SCAN, SSD_SCAN_STEP, SSD_SCAN)}
+OPS = ALL_OPS   # those our TensorRT plugin implements: all four (kernels of plugins/selective_scan.h, plugins/ssd.h)
 
 
 # ---- artifact I/O names (like optimum's KV cache naming) -----------------------------------------------------

@@ -1,4 +1,5 @@
-"""TensorRT plugins for the graph contract's custom ops: ``SelectiveScanStep`` and ``SelectiveScan``.
+"""TensorRT plugins for the graph contract's custom ops: ``SelectiveScanStep`` and ``SelectiveScan`` (Mamba-1,
+kernels of plugins/selective_scan.h) and ``SSDScanStep`` and ``SSDScan`` (Mamba-2, kernels of plugins/ssd.h).
 
 Each op gets an ``IPluginV3`` (+ ``IPluginV3OneCore``/``OneBuild``/``OneRuntime``) class and an
 ``IPluginCreatorV3One`` creator registered under the op's name, version and namespace from
@@ -53,7 +54,11 @@ class ScanOpLogic:
 
     @property
     def is_scan(self) -> bool:
-        return self.op_type == contract.SELECTIVE_SCAN.op_type
+        return self.op_type in (contract.SELECTIVE_SCAN.op_type, contract.SSD_SCAN.op_type)
+
+    @property
+    def is_ssd(self) -> bool:
+        return self.op_type in contract.SSD_OPS
 
     # -- build-time rules ------------------------------------------------------------------------------------------
     def output_dtypes(self, input_types: list) -> list:
@@ -78,6 +83,8 @@ class ScanOpLogic:
     # -- run time ----------------------------------------------------------------------------------------------
     def enqueue(self, input_desc, output_desc, inputs, outputs, workspace, stream) -> int:
         """Launch the kernel for these descriptors/pointers on ``stream`` (cudaStream_t as int). Returns 0."""
+        if self.is_ssd:
+            return self._enqueue_ssd(input_desc, inputs, outputs, stream)
         code = _TRT_DTYPE_CODES[input_desc[0].type.name]
         x_dims = tuple(int(v) for v in input_desc[0].dims)
         d, N = (int(v) for v in input_desc[2].dims)  # A: [d, N]
@@ -95,6 +102,29 @@ class ScanOpLogic:
         else:
             b, _ = x_dims
             kernels.launch_step(ptrs, b, d, N, code, softplus, threshold, int(stream))
+        return 0
+
+    def _enqueue_ssd(self, input_desc, inputs, outputs, stream) -> int:
+        """SSDScanStep: x [b, H, P], B [b, G, N]; SSDScan: x [b, L, H, P], B [b, L, G, N]; D [H, P|1]."""
+        code = _TRT_DTYPE_CODES[input_desc[0].type.name]
+        names = [p.name for p in self.spec.inputs]
+        dims = {n: tuple(int(v) for v in d.dims) for n, d in zip(names, input_desc)}
+        ptrs = {n: int(ptr) for n, ptr in zip(names, inputs)}
+        ptrs["state_in"] = ptrs.pop("ssm_state")
+        ptrs["y"], ptrs["state_out"] = int(outputs[0]), int(outputs[1])
+        H, P = dims["x"][-2:]
+        G, N = dims["B"][-2:]
+        if dims["A"] != (H,) or dims["D"] not in ((H, P), (H, 1)) or H % G:
+            raise ValueError(f"{self.op_type}: x {dims['x']}, A {dims['A']}, B {dims['B']}, D {dims['D']} do not fit")
+        f = self.fields
+        common = dict(d_per_channel=dims["D"] == (H, P) and P != 1, dt_softplus=bool(f["dt_softplus"]),
+                      dt_limit=(float(f["dt_min"]), float(f["dt_max"])),
+                      softplus_threshold=float(f["softplus_threshold"]), stream=int(stream))
+        if self.is_scan:
+            b, L = dims["x"][:2]
+            kernels.launch_ssd_scan(ptrs, b, L, H, P, G, N, code, **common)
+        else:
+            kernels.launch_ssd_step(ptrs, dims["x"][0], H, P, G, N, code, **common)
         return 0
 
 
