@@ -4,11 +4,12 @@ CPU: the kernels under TRITON_INTERPRET=1 (numpy), tiny shapes, in ONE subproces
 before Triton decorates the kernels, and another test may already have imported them); per-case errors come back
 as JSON and each case is asserted here. GPU (tests/test_triton_ssd_gpu.py): compiled kernels at real shapes.
 
-Reference (``ssd_reference``): the recurrence itself, step by step in float64 autograd,
-    h_t = exp(dt_t·A)·h_{t−1} + dt_t·x_t ⊗ B_t,   y_t = C_t·h_t + D·x_t   (per head; dt = clamp(softplus(dt + bias)))
-on the same (already rounded) inputs. Error measures: fp32 — normwise max relative error max|ours − ref| / max|ref|
-<= 1e-4 per output and gradient; fp16 / bf16 — the same measure <= 1e-2 / 3e-2 (products run on the operands
-rounded to the activation dtype, as upstream's kernels do; bf16 keeps 8 mantissa bits, unit roundoff 3.9e-3).
+Reference (``ssd_reference``): ``mamba_deploy.ops.ssd.ssd_scan_ref``, the recurrence itself step by step, in
+float64 autograd: h_t = exp(dt_t·A)·h_{t−1} + dt_t·x_t ⊗ B_t, y_t = C_t·h_t + D·x_t per head, with
+dt = clamp(softplus(dt + bias)) discretized here, on the same (already rounded) inputs. Error measures: fp32 —
+normwise max relative error max|ours − ref| / max|ref| <= 1e-4 per output and gradient; fp16 / bf16 — the same
+measure <= 1e-2 / 3e-2 (products run on the operands rounded to the activation dtype, as upstream's kernels do;
+bf16 keeps 8 mantissa bits, unit roundoff 3.9e-3).
 """
 from __future__ import annotations
 
@@ -21,34 +22,23 @@ import torch.nn.functional as F
 
 from helpers import max_rel, run_interpreter_worker, run_with_grads  # noqa: F401  (run_with_grads: also used by test_triton_ssd_gpu.py)
 
+from mamba_deploy.ops.ssd import ssd_scan_ref
+
 TOL = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 3e-2}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def ssd_reference(x, dt, A, B, C, D=None, dt_bias=None, initial_state=None, dt_softplus=True,
                   dt_limit=(0.0, math.inf)):
-    """Sequential SSD recurrence (float64 when the inputs are). Shapes as ``ssd_scan_triton``."""
-    batch, L, H, P = x.shape
-    G, N = B.shape[2], B.shape[3]
+    """The reference next to the kernels, in float64: dt discretized here as the kernels do (bias, softplus if
+    asked, clamp), then ``ops.ssd.ssd_scan_ref`` (the recurrence one step at a time). Shapes as ``ssd_scan_triton``."""
     f = torch.float64
-    x, dt, A, B, C = x.to(f), dt.to(f), A.to(f), B.to(f), C.to(f)
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(f)
+    dt = dt.to(f) + (dt_bias.to(f) if dt_bias is not None else 0.0)
     if dt_softplus:
         dt = F.softplus(dt)
     dt = dt.clamp(dt_limit[0], dt_limit[1])
-    Bh = B.repeat_interleave(H // G, dim=2)
-    Ch = C.repeat_interleave(H // G, dim=2)
-    h = initial_state.to(f) if initial_state is not None else x.new_zeros(batch, H, P, N)
-    ys = []
-    for t in range(L):
-        decay = torch.exp(dt[:, t] * A)                                   # [b, H]
-        h = decay[..., None, None] * h + (dt[:, t, :, None] * x[:, t])[..., None] * Bh[:, t, :, None, :]
-        y = (h * Ch[:, t, :, None, :]).sum(-1)
-        if D is not None:
-            y = y + (D.to(f) if D.dim() == 2 else D.to(f)[:, None]) * x[:, t]
-        ys.append(y)
-    return torch.stack(ys, 1), h
+    return ssd_scan_ref(x.to(f), dt, A.to(f), B.to(f), C.to(f), D=D.to(f) if D is not None else None,
+                        initial_state=initial_state.to(f) if initial_state is not None else None)
 
 
 def make_inputs(batch, L, H, P, G, N, *, D_kind, has_bias, has_h0, act_dtype, device, seed):

@@ -38,7 +38,7 @@ operands rounded to it, fp32 accumulation, as upstream) or in exact fp32 (``inpu
 inputs; products with the fp32 states use tf32 for bf16/fp16 inputs (``SSDConfig.lowp_states``: states entering
 the chunks kept in x's dtype, products in it, as upstream).
 
-The reference next to it: a float64 sequential recurrence (the tests' ``ssd_reference``).
+The reference next to it: ``ops/ssd.py`` (``ssd_scan_ref``, sequential, float64-capable; ``ssd_scan_chunked``).
 """
 from __future__ import annotations
 
