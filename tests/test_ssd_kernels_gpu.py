@@ -143,6 +143,7 @@ def test_optional_inputs_no_softplus_and_clamp(step):
     # softplus threshold 2 (the contract's attribute): dt_raw + bias above it is used as is
     t = make_inputs(3, 1 if step else 40, 4, 24, 2, 16, torch.float32, seed=7, large_dt=False)
     t["dt"] = t["dt"] * 3
+    t["dt"].view(-1)[::5] = 9.0                          # dt_raw + bias ∈ [2.1, 6.8]: past the threshold
     y, h = run_kernel(t, step=step, threshold=2.0)
     raw = t["dt"].double() + t["dt_bias"].double()
     assert (raw > 2).any() and (raw < 2).any()
