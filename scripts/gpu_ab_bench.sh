@@ -6,6 +6,7 @@
 # Writes $OUT/bench_{old,new}_<round>.json and $OUT/ab.txt (the table, over every bench_*.json in $OUT: a second
 # call with FIRST_ROUND=2 adds rounds). BATCHES, BENCH_TIMEOUT_S override.
 set -o pipefail
+python3 -c 'from mamba_deploy.devices import require_cuda; require_cuda("scripts/gpu_ab_bench.sh")' || exit 2
 OLD=$(cd "$1" && pwd) NEW=$(cd "$2" && pwd)
 OUT=${OUT:-/tmp/gpu_ab_out}
 ROUNDS=${ROUNDS:-2}

@@ -68,12 +68,19 @@ def test_large_total_decay_stays_finite():
 
 
 def test_segment_sums_are_sums_of_their_own_terms():
-    a = -torch.rand(3, 9, dtype=torch.float64)
+    """S[i, j] = Σ_{j<k≤i} a_k to rounding of ITS terms: a huge a_1 that later segments exclude would leave an error
+    of ~1e-8 in them under cumsum-and-subtract; here each entry is within 1e-14·Σ|terms| (order of summation only)."""
+    a = -torch.rand(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a[:, 1] = -1e8
     S = segment_sums(a)
     for i in range(9):
         for j in range(9):
-            want = a[:, j + 1:i + 1].sum(-1) if j <= i else torch.full((3,), float("-inf"), dtype=a.dtype)
-            assert torch.equal(S[:, i, j], want) or torch.allclose(S[:, i, j], want, rtol=0, atol=1e-15)
+            if j > i:
+                assert torch.equal(S[:, i, j], torch.full((3,), float("-inf"), dtype=a.dtype))
+                continue
+            terms = a[:, j + 1:i + 1]
+            bound = 1e-14 * terms.abs().sum(-1)
+            assert ((S[:, i, j] - terms.sum(-1)).abs() <= bound).all(), (i, j)
 
 
 def test_scan_in_two_pieces_equals_one_scan():

@@ -141,6 +141,7 @@ GPU_SCRIPTS = {
     "scripts/profile_decode.py": [],
     "scripts/bench_ssd.py": ["--out", "{tmp}/ssd.json"],
     "scripts/gpu_mamba2_check.sh": [],
+    "scripts/gpu_ab_bench.sh": ["{tmp}", "{tmp}"],
     "bench/bench_scan.py": ["--json", "{tmp}/s.json"],
     "bench/bench_train.py": ["--json", "{tmp}/t.json"],
     "scripts/gpu_bench.sh": [],
@@ -151,6 +152,7 @@ GPU_SCRIPTS = {
 
 
 RUN_ON_A_CPU = {"bench/bench_serve.py",              # the serving benchmark measures CPU backends too
+                "bench/bench_ort_cpu.py",             # ONNX Runtime on the CPU
                 "scripts/check_ssd_vs_upstream.py"}   # runs on the Triton CPU interpreter
 
 

@@ -62,5 +62,6 @@ def command(artifact, model_ref, backends, device, host, port, max_batch, block,
                             model_name=served_model_name, device=device, max_prompt_tokens=max_prompt_tokens,
                             max_tokens_limit=max_tokens_limit)
     import uvicorn
-    click.echo(f"serving model '{app.state.model_name}' on http://{host}:{port} ({backend}, {max_batch} slots)", err=True)
+    click.echo(f"serving model '{app.state.model_name}' on http://{host}:{port} ({backend}, {max_batch} slots)",
+               err=True)
     uvicorn.run(app, host=host, port=port, log_level="info")

@@ -41,10 +41,10 @@ def _presets_help() -> str:
 @threads_option
 def command(config_ref, out_dir, max_steps, device, batch_size, lr, seq_len, seed, data_path, scan_backend, sets,
             resume, force, no_progress, print_config, threads):
-    """Train a Mamba-1 model: AdamW with warmup + cosine, gradient clipping, bf16 autocast on GPU (fp32 master
-    weights), checkpoints in the state-spaces format (each a valid --model) and --resume, metrics.jsonl and
-    curves.png, accuracy on the paper's synthetic tasks (selective copying, induction heads) through the
-    parallel forward and through model.step.
+    """Train a model of any family ([model] family = mamba1 | mamba2 | falcon_mamba): AdamW with warmup + cosine,
+    gradient clipping, bf16 autocast on GPU (fp32 master weights), checkpoints in the state-spaces format (each a
+    valid --model) and --resume, metrics.jsonl and curves.png, accuracy on the paper's synthetic tasks (selective
+    copying, induction heads) through the parallel forward and through model.step.
 
     \b
     Examples:
