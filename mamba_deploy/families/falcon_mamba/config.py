@@ -15,6 +15,8 @@ from ..base import STATE_SPACES
 from ..mamba1.config import MambaConfig
 from ..mamba1.config import from_hf_json as mamba1_from_hf_json
 from ..mamba1.config import from_state_spaces_json as mamba1_from_state_spaces_json
+from ..mamba1.config import same_dt_rank
+from ..lm_config import to_json_checked
 
 DEFAULT_MIXER_RMS_EPS = 1e-6
 SS_LAYER = "FalconMamba"
@@ -66,14 +68,8 @@ def from_json(raw: dict[str, Any], dialect: str) -> FalconMambaConfig:
 
 
 def to_json(config: FalconMambaConfig, dialect: str) -> dict[str, Any]:
-    raw = config.to_state_spaces_json() if dialect == STATE_SPACES else config.to_hf_json()
-    back = from_json(raw, dialect)
-    lost = [f.name for f in dataclasses.fields(FalconMambaConfig) if getattr(back, f.name) != getattr(config, f.name)
-            and not (f.name == "dt_rank" and back.dt_rank_value == config.dt_rank_value)]
-    if lost:
-        raise UserError(f"the {dialect} config.json cannot hold {', '.join(f'{n}={getattr(config, n)!r}' for n in lost)}"
-                        f"; save in the other format")
-    return raw
+    """config.json of ``dialect``; checked to read back to ``config`` (a field lost would be a UserError)."""
+    return to_json_checked(config, dialect, from_json, alike=same_dt_rank)
 
 
 # A tiny shape for tests and demos (random weights).

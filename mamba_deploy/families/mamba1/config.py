@@ -21,14 +21,13 @@ import math
 from typing import Any, ClassVar
 
 from ...errors import UserError
-from ..base import HF, STATE_SPACES
-
-DEFAULT_NORM_EPS = 1e-5
-TOKENIZER_VOCAB_KEY = "tokenizer_vocab_size"   # our extra key in the HF config.json
+from ..base import STATE_SPACES
+from ..lm_config import (DEFAULT_NORM_EPS, LMConfigMixin, check_state_spaces, hf_json, lm_from_hf,
+                         lm_from_state_spaces, released_sizes, require, state_spaces_json, to_json_checked)
 
 
 @dataclasses.dataclass(frozen=True)
-class MambaConfig:
+class MambaConfig(LMConfigMixin):
     family: ClassVar[str] = "mamba1"
 
     d_model: int
@@ -46,90 +45,37 @@ class MambaConfig:
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "pad_vocab_size_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"config field {name} must be a positive integer, got {value!r}")
+        self.check_positive_ints(("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
+                                  "pad_vocab_size_multiple"))
         if self.dt_rank != "auto" and (not isinstance(self.dt_rank, int) or self.dt_rank < 1):
             raise UserError(f"config field dt_rank must be 'auto' or a positive integer, got {self.dt_rank!r}")
 
     # ---- derived dims -------------------------------------------------------------------------------------
     @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
     def dt_rank_value(self) -> int:
         return math.ceil(self.d_model / 16) if self.dt_rank == "auto" else int(self.dt_rank)
-
-    @property
-    def padded_vocab_size(self) -> int:
-        """Embedding rows = logits width: vocab_size rounded up to a multiple of pad_vocab_size_multiple."""
-        m = self.pad_vocab_size_multiple
-        return ((self.vocab_size + m - 1) // m) * m
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(d_inner=self.d_inner, dt_rank_value=self.dt_rank_value, padded_vocab_size=self.padded_vocab_size)
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "MambaConfig":
-        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     # ---- the two dialects ---------------------------------------------------------------------------------
     def to_state_spaces_json(self) -> dict[str, Any]:
-        out = {
-            "d_model": self.d_model,
-            "n_layer": self.n_layer,
-            "d_intermediate": 0,
-            "vocab_size": self.vocab_size,
-            "ssm_cfg": {"layer": "Mamba1", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
-                        "dt_rank": self.dt_rank, "conv_bias": self.conv_bias, "bias": self.bias},
-            "attn_layer_idx": [],
-            "attn_cfg": {},
-            "rms_norm": True,
-            "residual_in_fp32": self.residual_in_fp32,
-            "fused_add_norm": True,
-            "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
-            "tie_embeddings": self.tie_embeddings,
-        }
-        if self.norm_eps != DEFAULT_NORM_EPS:  # upstream's config has no such field: written only when needed
-            out["norm_epsilon"] = self.norm_eps
-        return out
+        return state_spaces_json(self, {"layer": "Mamba1", "d_state": self.d_state, "d_conv": self.d_conv,
+                                        "expand": self.expand, "dt_rank": self.dt_rank, "conv_bias": self.conv_bias,
+                                        "bias": self.bias})
 
     def to_hf_json(self) -> dict[str, Any]:
-        return {
-            "architectures": ["MambaForCausalLM"],
-            "model_type": "mamba",
-            "vocab_size": self.padded_vocab_size,
-            TOKENIZER_VOCAB_KEY: self.vocab_size,
-            "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
-            "hidden_size": self.d_model,
+        return hf_json(self, "MambaForCausalLM", "mamba", {
             "state_size": self.d_state,
-            "num_hidden_layers": self.n_layer,
             "expand": self.expand,
             "conv_kernel": self.d_conv,
             "intermediate_size": self.d_inner,
             "time_step_rank": self.dt_rank_value,
             "use_bias": self.bias,
             "use_conv_bias": self.conv_bias,
-            "residual_in_fp32": self.residual_in_fp32,
-            "layer_norm_epsilon": self.norm_eps,
-            "hidden_act": "silu",
-            "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": 0,
-            "eos_token_id": 0,
-            "pad_token_id": 0,
-        }
-
-
-def _require(raw: dict[str, Any], key: str, where: str):
-    if key not in raw:
-        raise UserError(f"{where} config.json lacks the required field '{key}'")
-    return raw[key]
+        })
 
 
 def _dt_rank(value, d_model):
@@ -141,86 +87,50 @@ _SS_SSM_FIELDS = {"layer", "d_state", "d_conv", "expand", "dt_rank", "conv_bias"
 
 
 def from_state_spaces_json(raw: dict[str, Any]) -> MambaConfig:
-    ssm = dict(raw.get("ssm_cfg") or {})
-    if raw.get("attn_layer_idx"):
-        raise UserError("this checkpoint has attention layers (attn_layer_idx); mamba-deploy supports "
-                        "pure Mamba models only so far")
-    if raw.get("d_intermediate", 0):
-        raise UserError("this checkpoint has MLP blocks (d_intermediate > 0); mamba-deploy supports pure "
-                        "Mamba models only so far")
-    if not raw.get("rms_norm", True):
-        raise UserError("this checkpoint uses LayerNorm (rms_norm: false); mamba-deploy supports RMSNorm only")
-    unknown = set(ssm) - _SS_SSM_FIELDS
-    if unknown:
-        raise UserError(f"ssm_cfg has fields mamba-deploy does not support: {sorted(unknown)}")
-    d_model = _require(raw, "d_model", "state-spaces")
+    ssm = check_state_spaces(raw, _SS_SSM_FIELDS)
+    lm = lm_from_state_spaces(raw, "state-spaces", pad_multiple_default=8)
     return MambaConfig(
-        d_model=d_model,
-        n_layer=_require(raw, "n_layer", "state-spaces"),
-        vocab_size=_require(raw, "vocab_size", "state-spaces"),
+        **lm,
         d_state=ssm.get("d_state", 16),
         d_conv=ssm.get("d_conv", 4),
         expand=ssm.get("expand", 2),
-        dt_rank=_dt_rank(ssm.get("dt_rank", "auto"), d_model),
+        dt_rank=_dt_rank(ssm.get("dt_rank", "auto"), lm["d_model"]),
         conv_bias=ssm.get("conv_bias", True),
         bias=ssm.get("bias", False),
-        residual_in_fp32=raw.get("residual_in_fp32", True),
-        norm_eps=raw.get("norm_epsilon", DEFAULT_NORM_EPS),
-        pad_vocab_size_multiple=raw.get("pad_vocab_size_multiple", 8),
-        tie_embeddings=raw.get("tie_embeddings", True),
     )
-
-
-def _hf_vocab(raw: dict[str, Any]) -> tuple[int, int]:
-    """(tokenizer vocabulary, padding multiple) of an HF config, whose vocab_size is the padded size."""
-    padded = _require(raw, "vocab_size", "Hugging Face")
-    multiple = raw.get("pad_vocab_size_multiple", 1)
-    if TOKENIZER_VOCAB_KEY in raw:
-        vocab = raw[TOKENIZER_VOCAB_KEY]
-        if not isinstance(multiple, int) or multiple < 1 or not isinstance(vocab, int) or vocab < 1 \
-                or -(-vocab // multiple) * multiple != padded:
-            raise UserError(f"config.json: vocab_size {padded} is not {TOKENIZER_VOCAB_KEY} {vocab!r} padded to a "
-                            f"multiple of pad_vocab_size_multiple {multiple!r}")
-        return vocab, multiple
-    # no tokenizer size stored: the padded size is the vocabulary, with a multiple that it already satisfies
-    if not isinstance(multiple, int) or multiple < 1 or padded % multiple:
-        multiple = 1
-    return padded, multiple
 
 
 def from_hf_json(raw: dict[str, Any]) -> MambaConfig:
     if raw.get("hidden_act", "silu") != "silu":
         raise UserError(f"hidden_act '{raw['hidden_act']}' is not supported (Mamba-1 uses silu)")
-    d_model = _require(raw, "hidden_size", "Hugging Face")
+    d_model = require(raw, "hidden_size", "Hugging Face")
     expand = raw.get("expand", 2)
     if "intermediate_size" in raw and raw["intermediate_size"] != expand * d_model:
         raise UserError(f"intermediate_size {raw['intermediate_size']} != expand*hidden_size {expand * d_model}")
-    vocab, pad_multiple = _hf_vocab(raw)
     return MambaConfig(
-        d_model=d_model,
-        n_layer=_require(raw, "num_hidden_layers", "Hugging Face"),
-        vocab_size=vocab,
+        **lm_from_hf(raw, "Hugging Face", tie_default=True),
         d_state=raw.get("state_size", 16),
         d_conv=raw.get("conv_kernel", 4),
         expand=expand,
         dt_rank=_dt_rank(raw.get("time_step_rank", "auto"), d_model),
         conv_bias=raw.get("use_conv_bias", True),
         bias=raw.get("use_bias", False),
-        residual_in_fp32=raw.get("residual_in_fp32", True),
-        norm_eps=raw.get("layer_norm_epsilon", DEFAULT_NORM_EPS),
-        pad_vocab_size_multiple=pad_multiple,
-        tie_embeddings=raw.get("tie_word_embeddings", True),
     )
+
+
+def from_json(raw: dict[str, Any], dialect: str) -> MambaConfig:
+    return from_state_spaces_json(raw) if dialect == STATE_SPACES else from_hf_json(raw)
+
+
+def same_dt_rank(name: str, back: MambaConfig, config: MambaConfig) -> bool:
+    """dt_rank "auto" and the integer it stands for are the same field value."""
+    return name == "dt_rank" and back.dt_rank_value == config.dt_rank_value
 
 
 # Named sizes of the released Mamba-1 models (random weights of these shapes are used for benchmarks).
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(d_model=64, n_layer=2, vocab_size=256),
-    "130m": dict(d_model=768, n_layer=24, vocab_size=50277),
-    "370m": dict(d_model=1024, n_layer=48, vocab_size=50277),
-    "790m": dict(d_model=1536, n_layer=48, vocab_size=50277),
-    "1.4b": dict(d_model=2048, n_layer=48, vocab_size=50277),
-    "2.8b": dict(d_model=2560, n_layer=64, vocab_size=50277),
+    **released_sizes(("130m", "370m", "790m", "1.4b", "2.8b")),
 }
 
 
@@ -232,11 +142,4 @@ def config_for_size(name: str, **overrides) -> MambaConfig:
 
 def to_json(config: MambaConfig, dialect: str) -> dict[str, Any]:
     """config.json of ``dialect``; checked to read back to ``config`` (a field lost would be a UserError)."""
-    raw = config.to_state_spaces_json() if dialect == STATE_SPACES else config.to_hf_json()
-    back = (from_state_spaces_json if dialect == STATE_SPACES else from_hf_json)(raw)
-    lost = [f.name for f in dataclasses.fields(MambaConfig) if getattr(back, f.name) != getattr(config, f.name)
-            and not (f.name == "dt_rank" and back.dt_rank_value == config.dt_rank_value)]
-    if lost:
-        raise UserError(f"the {dialect} config.json cannot hold {', '.join(f'{n}={getattr(config, n)!r}' for n in lost)}"
-                        f"; save in the other format")
-    return raw
+    return to_json_checked(config, dialect, from_json, alike=same_dt_rank)

@@ -23,10 +23,9 @@ import dataclasses
 from typing import Any, ClassVar
 
 from ...errors import UserError
-from ..base import HF, STATE_SPACES
-
-DEFAULT_NORM_EPS = 1e-5
-TOKENIZER_VOCAB_KEY = "tokenizer_vocab_size"   # our extra key in the HF config.json (as for Mamba-1)
+from ..base import STATE_SPACES
+from ..lm_config import (DEFAULT_NORM_EPS, LMConfigMixin, check_state_spaces, hf_json, lm_from_hf,
+                         lm_from_state_spaces, released_sizes, require, state_spaces_json, to_json_checked)
 INF = float("inf")
 
 
@@ -40,7 +39,7 @@ def _number(v) -> float:
 
 
 @dataclasses.dataclass(frozen=True)
-class Mamba2Config:
+class Mamba2Config(LMConfigMixin):
     family: ClassVar[str] = "mamba2"
 
     d_model: int
@@ -63,11 +62,8 @@ class Mamba2Config:
     tie_embeddings: bool = True
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups",
-                     "chunk_size", "pad_vocab_size_multiple"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"config field {name} must be a positive integer, got {value!r}")
+        self.check_positive_ints(("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "headdim",
+                                  "ngroups", "chunk_size", "pad_vocab_size_multiple"))
         try:
             lo, hi = (_number(v) for v in self.dt_limit)
         except (TypeError, ValueError, KeyError):
@@ -84,10 +80,6 @@ class Mamba2Config:
 
     # ---- derived dims -------------------------------------------------------------------------------------
     @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
     def nheads(self) -> int:
         return self.d_inner // self.headdim
 
@@ -99,57 +91,23 @@ class Mamba2Config:
     def d_in_proj(self) -> int:
         return 2 * self.d_inner + 2 * self.ngroups * self.d_state + self.nheads
 
-    @property
-    def padded_vocab_size(self) -> int:
-        """Embedding rows = logits width: vocab_size rounded up to a multiple of pad_vocab_size_multiple."""
-        m = self.pad_vocab_size_multiple
-        return ((self.vocab_size + m - 1) // m) * m
-
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.update(family=self.family, d_inner=self.d_inner, nheads=self.nheads, conv_dim=self.conv_dim,
                  padded_vocab_size=self.padded_vocab_size, dt_limit=list(self.dt_limit))
         return d
 
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Mamba2Config":
-        """Inverse of :meth:`to_dict` (derived keys are ignored)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
     # ---- the two dialects ---------------------------------------------------------------------------------
     def to_state_spaces_json(self) -> dict[str, Any]:
-        out = {
-            "d_model": self.d_model,
-            "n_layer": self.n_layer,
-            "d_intermediate": 0,
-            "vocab_size": self.vocab_size,
-            "ssm_cfg": {"layer": "Mamba2", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
-                        "headdim": self.headdim, "ngroups": self.ngroups, "chunk_size": self.chunk_size,
-                        "D_has_hdim": self.D_has_hdim, "rmsnorm": True, "norm_before_gate": self.norm_before_gate,
-                        "dt_limit": list(self.dt_limit), "conv_bias": self.conv_bias, "bias": self.bias},
-            "attn_layer_idx": [],
-            "attn_cfg": {},
-            "rms_norm": True,
-            "residual_in_fp32": self.residual_in_fp32,
-            "fused_add_norm": True,
-            "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
-            "tie_embeddings": self.tie_embeddings,
-        }
-        if self.norm_eps != DEFAULT_NORM_EPS:  # upstream's config has no such field: written only when needed
-            out["norm_epsilon"] = self.norm_eps
-        return out
+        return state_spaces_json(self, {
+            "layer": "Mamba2", "d_state": self.d_state, "d_conv": self.d_conv, "expand": self.expand,
+            "headdim": self.headdim, "ngroups": self.ngroups, "chunk_size": self.chunk_size,
+            "D_has_hdim": self.D_has_hdim, "rmsnorm": True, "norm_before_gate": self.norm_before_gate,
+            "dt_limit": list(self.dt_limit), "conv_bias": self.conv_bias, "bias": self.bias})
 
     def to_hf_json(self) -> dict[str, Any]:
-        return {
-            "architectures": ["Mamba2ForCausalLM"],
-            "model_type": "mamba2",
-            "vocab_size": self.padded_vocab_size,
-            TOKENIZER_VOCAB_KEY: self.vocab_size,
-            "pad_vocab_size_multiple": self.pad_vocab_size_multiple,
-            "hidden_size": self.d_model,
+        return hf_json(self, "Mamba2ForCausalLM", "mamba2", {
             "state_size": self.d_state,
-            "num_hidden_layers": self.n_layer,
             "expand": self.expand,
             "conv_kernel": self.d_conv,
             "head_dim": self.headdim,
@@ -159,60 +117,30 @@ class Mamba2Config:
             "time_step_limit": list(self.dt_limit),
             "use_bias": self.bias,
             "use_conv_bias": self.conv_bias,
-            "residual_in_fp32": self.residual_in_fp32,
-            "layer_norm_epsilon": self.norm_eps,
-            "hidden_act": "silu",
-            "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": 0,
-            "eos_token_id": 0,
-            "pad_token_id": 0,
-        }
-
-
-def _require(raw: dict[str, Any], key: str, where: str):
-    if key not in raw:
-        raise UserError(f"{where} Mamba-2 config.json lacks the required field '{key}'")
-    return raw[key]
+        })
 
 
 _SS_SSM_FIELDS = {"layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "D_has_hdim", "rmsnorm",
                   "norm_before_gate", "dt_limit", "bias", "conv_bias", "d_ssm", "A_init_range", "dt_min", "dt_max",
                   "dt_init_floor", "conv_init", "activation", "use_mem_eff_path", "learnable_init_states"}
-
-
-def refuse_hybrid(raw: dict[str, Any]) -> None:
-    """One-line error for a state-spaces config with attention or MLP layers (a hybrid model)."""
-    if raw.get("attn_layer_idx"):
-        raise UserError(f"this checkpoint is a hybrid with attention layers (attn_layer_idx "
-                        f"{raw['attn_layer_idx']}); mamba-deploy supports pure Mamba models only")
-    if raw.get("d_intermediate", 0):
-        raise UserError(f"this checkpoint is a hybrid with MLP blocks (d_intermediate {raw['d_intermediate']} > 0); "
-                        "mamba-deploy supports pure Mamba models only")
+_SS, _HF = "state-spaces Mamba-2", "Hugging Face Mamba-2"   # the names in a missing-field error
 
 
 def from_state_spaces_json(raw: dict[str, Any]) -> Mamba2Config:
-    refuse_hybrid(raw)
-    ssm = dict(raw.get("ssm_cfg") or {})
-    if not raw.get("rms_norm", True):
-        raise UserError("this checkpoint uses LayerNorm (rms_norm: false); mamba-deploy supports RMSNorm only")
-    unknown = set(ssm) - _SS_SSM_FIELDS
-    if unknown:
-        raise UserError(f"ssm_cfg has fields mamba-deploy does not support: {sorted(unknown)}")
+    ssm = check_state_spaces(raw, _SS_SSM_FIELDS)
     if not ssm.get("rmsnorm", True):
         raise UserError("this Mamba-2 checkpoint has no gated RMSNorm (ssm_cfg.rmsnorm: false); not supported")
     if ssm.get("activation", "silu") not in ("silu", "swish"):
         raise UserError(f"ssm_cfg.activation '{ssm['activation']}' is not supported (Mamba-2 uses silu)")
     if ssm.get("learnable_init_states"):
         raise UserError("ssm_cfg.learnable_init_states is not supported")
-    d_model = _require(raw, "d_model", "state-spaces")
+    d_model = require(raw, "d_model", _SS)
     expand = ssm.get("expand", 2)
     if ssm.get("d_ssm") not in (None, expand * d_model):
         raise UserError(f"ssm_cfg.d_ssm {ssm['d_ssm']} != d_inner {expand * d_model}: Mamba-2 blocks with a gated MLP "
                         "part are not supported")
     return Mamba2Config(
-        d_model=d_model,
-        n_layer=_require(raw, "n_layer", "state-spaces"),
-        vocab_size=_require(raw, "vocab_size", "state-spaces"),
+        **lm_from_state_spaces(raw, _SS, pad_multiple_default=16),
         d_state=ssm.get("d_state", 128),
         d_conv=ssm.get("d_conv", 4),
         expand=expand,
@@ -224,43 +152,20 @@ def from_state_spaces_json(raw: dict[str, Any]) -> Mamba2Config:
         dt_limit=tuple(ssm.get("dt_limit", (0.0, INF))),
         conv_bias=ssm.get("conv_bias", True),
         bias=ssm.get("bias", False),
-        residual_in_fp32=raw.get("residual_in_fp32", True),
-        norm_eps=raw.get("norm_epsilon", DEFAULT_NORM_EPS),
-        pad_vocab_size_multiple=raw.get("pad_vocab_size_multiple", 16),
-        tie_embeddings=raw.get("tie_embeddings", True),
     )
-
-
-def _hf_vocab(raw: dict[str, Any]) -> tuple[int, int]:
-    """(tokenizer vocabulary, padding multiple) of an HF config, whose vocab_size is the padded size."""
-    padded = _require(raw, "vocab_size", "Hugging Face")
-    multiple = raw.get("pad_vocab_size_multiple", 1)
-    if TOKENIZER_VOCAB_KEY in raw:
-        vocab = raw[TOKENIZER_VOCAB_KEY]
-        if not isinstance(multiple, int) or multiple < 1 or not isinstance(vocab, int) or vocab < 1 \
-                or -(-vocab // multiple) * multiple != padded:
-            raise UserError(f"config.json: vocab_size {padded} is not {TOKENIZER_VOCAB_KEY} {vocab!r} padded to a "
-                            f"multiple of pad_vocab_size_multiple {multiple!r}")
-        return vocab, multiple
-    if not isinstance(multiple, int) or multiple < 1 or padded % multiple:
-        multiple = 1
-    return padded, multiple
 
 
 def from_hf_json(raw: dict[str, Any]) -> Mamba2Config:
     if raw.get("hidden_act", "silu") not in ("silu", "swish"):
         raise UserError(f"hidden_act '{raw['hidden_act']}' is not supported (Mamba-2 uses silu)")
-    d_model = _require(raw, "hidden_size", "Hugging Face")
+    d_model = require(raw, "hidden_size", _HF)
     expand = raw.get("expand", 2)
     headdim = raw.get("head_dim", 64)
     if "num_heads" in raw and raw["num_heads"] * headdim != expand * d_model:
         raise UserError(f"Mamba-2 config: num_heads {raw['num_heads']} · head_dim {headdim} != d_inner "
                         f"{expand * d_model} (expand {expand} · hidden_size {d_model})")
-    vocab, pad_multiple = _hf_vocab(raw)
     return Mamba2Config(
-        d_model=d_model,
-        n_layer=_require(raw, "num_hidden_layers", "Hugging Face"),
-        vocab_size=vocab,
+        **lm_from_hf(raw, _HF, tie_default=False),
         d_state=raw.get("state_size", 128),
         d_conv=raw.get("conv_kernel", 4),
         expand=expand,
@@ -270,10 +175,6 @@ def from_hf_json(raw: dict[str, Any]) -> Mamba2Config:
         dt_limit=tuple(raw.get("time_step_limit", (0.0, INF))),
         conv_bias=raw.get("use_conv_bias", True),
         bias=raw.get("use_bias", False),
-        residual_in_fp32=raw.get("residual_in_fp32", True),
-        norm_eps=raw.get("layer_norm_epsilon", DEFAULT_NORM_EPS),
-        pad_vocab_size_multiple=pad_multiple,
-        tie_embeddings=raw.get("tie_word_embeddings", False),
     )
 
 
@@ -283,24 +184,14 @@ def from_json(raw: dict[str, Any], dialect: str) -> Mamba2Config:
 
 def to_json(config: Mamba2Config, dialect: str) -> dict[str, Any]:
     """config.json of ``dialect``; checked to read back to ``config`` (a field lost would be a UserError)."""
-    raw = config.to_state_spaces_json() if dialect == STATE_SPACES else config.to_hf_json()
-    back = from_json(raw, dialect)
-    lost = [f.name for f in dataclasses.fields(Mamba2Config) if getattr(back, f.name) != getattr(config, f.name)]
-    if lost:
-        raise UserError(f"the {dialect} config.json cannot hold {', '.join(f'{n}={getattr(config, n)!r}' for n in lost)}"
-                        f"; save in the other format")
-    return raw
+    return to_json_checked(config, dialect, from_json)
 
 
 # Named sizes of the released Mamba-2 models (upstream state-spaces/mamba2-*: d_state 128, headdim 64, ngroups 1,
 # vocabulary padded to a multiple of 16); random weights of these shapes are used for benchmarks.
 SIZES: dict[str, dict[str, int]] = {
     "mamba2-tiny": dict(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, ngroups=2, chunk_size=8),
-    "mamba2-130m": dict(d_model=768, n_layer=24, vocab_size=50277),
-    "mamba2-370m": dict(d_model=1024, n_layer=48, vocab_size=50277),
-    "mamba2-780m": dict(d_model=1536, n_layer=48, vocab_size=50277),
-    "mamba2-1.3b": dict(d_model=2048, n_layer=48, vocab_size=50277),
-    "mamba2-2.7b": dict(d_model=2560, n_layer=64, vocab_size=50277),
+    **released_sizes(("mamba2-130m", "mamba2-370m", "mamba2-780m", "mamba2-1.3b", "mamba2-2.7b")),
 }
 
 
