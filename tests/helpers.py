@@ -1,9 +1,11 @@
 """Helpers shared by the tests: one selective-scan input generator, the error measures, tolerance checks from the
-artifact spec, and state comparison. (Fixtures live in conftest.py.)"""
+artifact spec, state comparison, and the one-thread fixture and plugin-enqueue harness that several modules use."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
+import pytest
 import torch
 
 from mamba_deploy.artifact import DEFAULT_TOLERANCES, within  # noqa: F401  (re-exported: one source of tolerances)
@@ -152,3 +154,34 @@ def assert_one_line_error(code: int, output: str, needle: str) -> None:
     lines = [line for line in output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("mamba-deploy: error:"), output
     assert needle in lines[0], output
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models: per-op work is microseconds, so one torch thread (no OpenMP barriers) is fastest, and robust on
+    a loaded machine. Import it into a test module to apply it to that module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def poisoned(like: torch.Tensor) -> torch.Tensor:
+    """An output buffer filled with NaN, so an element a kernel leaves unwritten fails every comparison."""
+    return torch.full_like(like, float("nan"))
+
+
+def _plugin_desc(t: torch.Tensor):
+    name = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16"}[t.dtype]
+    return SimpleNamespace(type=SimpleNamespace(name=name), dims=tuple(t.shape))
+
+
+def enqueue_on_stream(logic, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> int:
+    """``logic.enqueue`` (the body of a TensorRT plugin's enqueue) on fake descriptors and the tensors' raw device
+    pointers, on a fresh non-default CUDA stream; returns its status after the stream has finished."""
+    stream = torch.cuda.Stream()
+    torch.cuda.current_stream().synchronize()
+    ret = logic.enqueue([_plugin_desc(v) for v in inputs], [_plugin_desc(v) for v in outputs],
+                        [v.data_ptr() for v in inputs], [v.data_ptr() for v in outputs], 0, stream.cuda_stream)
+    stream.synchronize()
+    return ret

@@ -9,6 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import one_thread  # noqa: F401  (autouse fixture: one torch thread for tiny models)
 from mamba_deploy.checkpoint import load_model, save_model
 from mamba_deploy.cli import main
 from mamba_deploy.model import MambaState, random_model
@@ -16,16 +17,6 @@ from mamba_deploy.model import MambaState, random_model
 ATOL_FP32 = 1e-5  # max abs logit error vs transformers, fp32
 FAMILIES = ("mamba2", "falcon_mamba")
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: per-op work is microseconds, so one torch thread (no OpenMP barriers) is fastest, and robust on
-    a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def hf_tiny(family: str, seed: int = 0):
     """transformers' model (pure-torch path on CPU) with odd sizes: Mamba-2 with 2 groups, headdim 16, d_state 16,

@@ -11,6 +11,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import one_thread  # noqa: F401  (autouse fixture: one torch thread for tiny models)
 from mamba_deploy.checkpoint import load_model, save_model
 from mamba_deploy.cli import main
 from mamba_deploy.model import random_model
@@ -28,16 +29,6 @@ def tiny_config(family: str):
     from mamba_deploy.families.falcon_mamba.config import FalconMambaConfig
     return FalconMambaConfig(d_model=32, n_layer=2, vocab_size=96, d_state=8, tie_embeddings=False)
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: per-op work is microseconds, so one torch thread (no OpenMP barriers) is fastest, and robust on
-    a loaded machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 def _cli(*args):
     return CliRunner().invoke(main, [str(a) for a in args])

@@ -13,15 +13,13 @@ pybind trampoline of ``IPluginV3OneRuntime.enqueue`` is not exercised here.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 import torch
 
 from helpers import KERNEL_DTYPES as DTYPES
 from helpers import KERNEL_STATE_TOL as STATE_TOL
 from helpers import KERNEL_Y_TOL as Y_TOL
-from helpers import kernel_module_setup, max_rel, scan_inputs
+from helpers import enqueue_on_stream, kernel_module_setup, max_rel, poisoned, scan_inputs
 from mamba_deploy.ops import selective_scan_ref, selective_state_update
 
 kernels, RESULTS, library = kernel_module_setup("MAMBA_DEPLOY_GPU_REPORT")
@@ -48,10 +46,6 @@ def ref64(t, L, softplus=True, D=True, z=True):
     return selective_scan_ref(f["x"], f["delta"], f["A"], f["B"], f["C"], D=f["D"] if D else None,
                               z=f["z"] if z else None, delta_bias=f["delta_bias"], delta_softplus=softplus,
                               initial_state=f["state"])
-
-
-def poisoned(like: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(like, float("nan"))
 
 
 def run_kernel(t, L, in_place=False, softplus=True, D=True, z=True):
@@ -171,11 +165,6 @@ def test_rollout_1000_steps_drift():
 
 
 # ---- the plugin's enqueue path ------------------------------------------------------------------------------------
-def _desc(t: torch.Tensor):
-    name = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16"}[t.dtype]
-    return SimpleNamespace(type=SimpleNamespace(name=name), dims=tuple(t.shape))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("op_type,L", [("SelectiveScanStep", None), ("SelectiveScan", 129)])
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -186,12 +175,7 @@ def test_plugin_enqueue_with_device_pointers(op_type, L, dtype):
     logic = ScanOpLogic(op_type, {"delta_softplus": [1], "softplus_threshold": [20.0]})
     order = [t["x"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["delta_bias"], t["z"], t["state"]]
     y, h = poisoned(t["x"]), poisoned(t["state"])
-    stream = torch.cuda.Stream()
-    torch.cuda.current_stream().synchronize()
-    ret = logic.enqueue([_desc(v) for v in order], [_desc(y), _desc(h)], [v.data_ptr() for v in order],
-                        [y.data_ptr(), h.data_ptr()], 0, stream.cuda_stream)
-    stream.synchronize()
-    assert ret == 0
+    assert enqueue_on_stream(logic, order, [y, h]) == 0
     y_ref, h_ref = ref64(t, L)
     ey, eh = rel_err(y, y_ref), rel_err(h, h_ref)
     RESULTS.setdefault("plugin_enqueue", {})[f"{op_type} {dtype}"] = {"y_rel": ey, "state_rel": eh}

@@ -19,7 +19,7 @@ import torch
 from helpers import KERNEL_DTYPES as DTYPES
 from helpers import KERNEL_STATE_TOL as STATE_TOL
 from helpers import KERNEL_Y_TOL as Y_TOL
-from helpers import kernel_module_setup, max_rel
+from helpers import enqueue_on_stream, kernel_module_setup, max_rel, poisoned
 from test_triton_ssd import ssd_reference
 
 kernels, RESULTS, library = kernel_module_setup("MAMBA_DEPLOY_GPU_REPORT_SSD")
@@ -53,10 +53,6 @@ def ref64(t, softplus=True, dt_limit=(0.0, math.inf)):
     f = {k: (v.double() if v is not None else None) for k, v in t.items()}
     return ssd_reference(f["x"], f["dt"], f["A"], f["B"], f["C"], D=f["D"], dt_bias=f["dt_bias"],
                          initial_state=f["state"], dt_softplus=softplus, dt_limit=dt_limit)
-
-
-def poisoned(like: torch.Tensor) -> torch.Tensor:
-    return torch.full_like(like, float("nan"))
 
 
 def run_kernel(t, step: bool, in_place=False, softplus=True, dt_limit=(0.0, math.inf), threshold=None):
@@ -198,12 +194,6 @@ def test_rollout_1000_steps_drift():
 
 
 # ---- the plugin's enqueue path ------------------------------------------------------------------------------------
-def _desc(t: torch.Tensor):
-    from types import SimpleNamespace
-    name = {torch.float32: "FLOAT", torch.float16: "HALF", torch.bfloat16: "BF16"}[t.dtype]
-    return SimpleNamespace(type=SimpleNamespace(name=name), dims=tuple(t.shape))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("op_type", ["SSDScanStep", "SSDScan"])
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -219,10 +209,5 @@ def test_plugin_enqueue_with_device_pointers(op_type, dtype):
     xs = {k: (t[k][:, 0].contiguous() if step else t[k]) for k in ("x", "dt", "B", "C")}
     order = [xs["x"], xs["dt"], t["A"], xs["B"], xs["C"], t["D"], t["dt_bias"], t["state"]]
     y, h = poisoned(xs["x"]), poisoned(t["state"])
-    stream = torch.cuda.Stream()
-    torch.cuda.current_stream().synchronize()
-    ret = logic.enqueue([_desc(v) for v in order], [_desc(y), _desc(h)], [v.data_ptr() for v in order],
-                        [y.data_ptr(), h.data_ptr()], 0, stream.cuda_stream)
-    stream.synchronize()
-    assert ret == 0
+    assert enqueue_on_stream(logic, order, [y, h]) == 0
     check(f"plugin enqueue {op_type} {dtype}", t, y[:, None] if step else y, h, dtype)
