@@ -19,10 +19,10 @@ difference of two long cumulative sums) and is ≤ 0, so every exp is ≤ 1: exa
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
+
+from .auto_backend import resolve_auto
 
 DEFAULT_CHUNK = 256
 NO_DT_LIMIT = (0.0, float("inf"))
@@ -161,20 +161,9 @@ def ssd_scan_chunked(x, dt, A, B, C, D=None, initial_state=None, chunk_size: int
 BACKENDS = ("reference", "chunked", "triton")
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    try:
-        from . import triton_ssd  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def resolve_backend(requested: str, device: torch.device | None = None) -> str:
     """``auto`` → ``triton`` (ops/triton_ssd.py) on CUDA when Triton imports, else ``chunked``; others pass through."""
-    if requested != "auto":
-        return requested
-    return "triton" if device is not None and device.type == "cuda" and _triton_available() else "chunked"
+    return resolve_auto(requested, device, "triton_ssd")
 
 
 def ssd_scan(x, dt_raw, A, B, C, D=None, dt_bias=None, dt_limit: tuple[float, float] = NO_DT_LIMIT,

@@ -16,33 +16,21 @@ fp32 — the layout of upstream ``allocate_inference_cache`` and HF's MambaCache
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...ops.auto_backend import resolve_auto
 from ...ops.selective_scan import selective_scan, selective_state_update
 from .config import MambaConfig
 
 
-@functools.lru_cache(maxsize=None)
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-
-        from ...ops import triton_scan  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 def resolve_scan_backend(requested: str, device: torch.device) -> str:
-    """``auto`` → ``triton`` on CUDA when Triton is importable, else ``chunked``; other names pass through."""
-    if requested != "auto":
-        return requested
-    return "triton" if device.type == "cuda" and _triton_available() else "chunked"
+    """``auto`` → ``triton`` (ops/triton_scan.py) on CUDA when Triton is importable, else ``chunked``; other names
+    pass through."""
+    return resolve_auto(requested, device, "triton_scan")
 
 
 class MambaMixer(nn.Module):
