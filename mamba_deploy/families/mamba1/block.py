@@ -16,14 +16,13 @@ fp32 — the layout of upstream ``allocate_inference_cache`` and HF's MambaCache
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops.auto_backend import resolve_auto
 from ...ops.selective_scan import selective_scan, selective_state_update
+from ..mixer_init import depthwise_conv1d, dt_bias_init, init_linears_and_conv, uniform_
 from .config import MambaConfig
 
 
@@ -42,8 +41,7 @@ class MambaMixer(nn.Module):
         self.cfg = cfg
         d_inner, N, r = cfg.d_inner, cfg.d_state, cfg.dt_rank_value
         self.in_proj = nn.Linear(cfg.d_model, 2 * d_inner, bias=cfg.bias, **kw)
-        self.conv1d = nn.Conv1d(d_inner, d_inner, cfg.d_conv, groups=d_inner, bias=cfg.conv_bias,
-                                padding=cfg.d_conv - 1, **kw)
+        self.conv1d = depthwise_conv1d(d_inner, cfg.d_conv, cfg.conv_bias, **kw)
         self.x_proj = nn.Linear(d_inner, r + 2 * N, bias=False, **kw)
         self.dt_proj = nn.Linear(r, d_inner, bias=True, **kw)
         self.A_log = nn.Parameter(torch.empty(d_inner, N, device=device, dtype=dtype))
@@ -108,20 +106,8 @@ def init_mixer(m: MambaMixer, cfg: MambaConfig, g: torch.Generator, dt_min: floa
                dt_max: float = 0.1) -> None:
     """Upstream's initialisation (``mamba_ssm/modules/mamba_simple.py``): realistic δ (softplus(dt bias)
     log-uniform in [dt_min, dt_max]), A_log = log(1..N) (S4D-real), D = 1, out_proj rescaled by 1/√n_layer."""
-    def uniform_(p, bound):
-        p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
-
-    for lin in (m.in_proj, m.x_proj, m.out_proj):
-        uniform_(lin.weight, 1 / math.sqrt(lin.in_features))
-        if lin.bias is not None:
-            lin.bias.zero_()
-    m.out_proj.weight.div_(math.sqrt(cfg.n_layer))
-    uniform_(m.conv1d.weight, 1 / math.sqrt(cfg.d_conv))
-    if m.conv1d.bias is not None:
-        uniform_(m.conv1d.bias, 1 / math.sqrt(cfg.d_conv))
-    uniform_(m.dt_proj.weight, cfg.dt_rank_value ** -0.5)
-    dt = torch.exp(torch.rand(cfg.d_inner, generator=g) * (math.log(dt_max) - math.log(dt_min))
-                   + math.log(dt_min)).clamp(min=1e-4)
-    m.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))                        # inverse softplus
+    init_linears_and_conv(m, cfg, g, (m.in_proj, m.x_proj, m.out_proj))
+    uniform_(m.dt_proj.weight, cfg.dt_rank_value ** -0.5, g)
+    m.dt_proj.bias.copy_(dt_bias_init(cfg.d_inner, g, dt_min, dt_max))
     m.A_log.copy_(torch.log(torch.arange(1, cfg.d_state + 1, dtype=torch.float32)).repeat(cfg.d_inner, 1))
     m.D.fill_(1.0)

@@ -17,14 +17,13 @@ limit (0, ∞) the two agree).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ...ops.causal_conv import causal_conv1d, causal_conv1d_step
 from ...ops.ssd import discretize_dt, resolve_backend, ssd_scan, ssd_state_update
+from ..mixer_init import depthwise_conv1d, dt_bias_init, init_linears_and_conv
 from .config import Mamba2Config
 
 
@@ -58,8 +57,7 @@ class Mamba2Mixer(nn.Module):
         self.cfg = cfg
         H = cfg.nheads
         self.in_proj = nn.Linear(cfg.d_model, cfg.d_in_proj, bias=cfg.bias, **kw)
-        self.conv1d = nn.Conv1d(cfg.conv_dim, cfg.conv_dim, cfg.d_conv, groups=cfg.conv_dim, bias=cfg.conv_bias,
-                                padding=cfg.d_conv - 1, **kw)
+        self.conv1d = depthwise_conv1d(cfg.conv_dim, cfg.d_conv, cfg.conv_bias, **kw)
         self.dt_bias = nn.Parameter(torch.empty(H, **kw))
         self.A_log = nn.Parameter(torch.empty(H, **kw))
         self.D = nn.Parameter(torch.empty(cfg.d_inner if cfg.D_has_hdim else H, **kw))
@@ -118,20 +116,8 @@ def init_mixer(m: Mamba2Mixer, cfg: Mamba2Config, g: torch.Generator, dt_min: fl
     """Upstream's initialisation (``mamba_ssm/modules/mamba2.py``): softplus(dt_bias) log-uniform in [dt_min, dt_max]
     (floor 1e-4), A_log = log U(A_init_range), D = 1, norm weight 1, PyTorch's default Linear/Conv1d init, out_proj
     rescaled by 1/√n_layer (upstream ``_init_weights`` with ``rescale_prenorm_residual``)."""
-    def uniform_(p, bound):
-        p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * bound)
-
-    for lin in (m.in_proj, m.out_proj):
-        uniform_(lin.weight, 1 / math.sqrt(lin.in_features))
-        if lin.bias is not None:
-            lin.bias.zero_()
-    m.out_proj.weight.div_(math.sqrt(cfg.n_layer))
-    uniform_(m.conv1d.weight, 1 / math.sqrt(cfg.d_conv))
-    if m.conv1d.bias is not None:
-        uniform_(m.conv1d.bias, 1 / math.sqrt(cfg.d_conv))
-    dt = torch.exp(torch.rand(cfg.nheads, generator=g) * (math.log(dt_max) - math.log(dt_min))
-                   + math.log(dt_min)).clamp(min=1e-4)
-    m.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))                              # inverse softplus
+    init_linears_and_conv(m, cfg, g, (m.in_proj, m.out_proj))
+    m.dt_bias.copy_(dt_bias_init(cfg.nheads, g, dt_min, dt_max))
     lo, hi = A_init_range
     m.A_log.copy_(torch.log(lo + (hi - lo) * torch.rand(cfg.nheads, generator=g)))
     m.D.fill_(1.0)
