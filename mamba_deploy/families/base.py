@@ -14,7 +14,8 @@ conv and SSM state lists whose per-row shapes the family gives. A family (one pa
 * its state shapes (``state_shapes``) and extra manifest dims (``dims``);
 * its ONNX graph emitter (``graph_emitter``), a subclass of ``onnx.export.LMGraphs`` that writes the mixer's nodes.
 
-Every family config must have the shared LM fields: ``d_model, n_layer, vocab_size`` (tokenizer vocabulary),
+Every family config must have the shared LM fields (derive it from ``lm_config.LMConfig``, which also reads and
+writes them in both config.json dialects): ``d_model, n_layer, vocab_size`` (tokenizer vocabulary),
 ``padded_vocab_size`` (embedding rows = logits width), ``pad_vocab_size_multiple, norm_eps, residual_in_fp32,
 tie_embeddings``, a class attribute ``family`` (the registry key), and ``to_dict()`` / ``from_dict()``.
 """

@@ -155,8 +155,18 @@ def to_json_checked(config, dialect: str, from_json: Callable[[dict, str], Any],
     return raw
 
 
-class LMConfigMixin:
-    """What every family's config dataclass derives the same way from the shared LM fields."""
+@dataclasses.dataclass(frozen=True)
+class LMConfig:
+    """The shared LM fields, the base of every family's config dataclass (which adds its block's fields, all with
+    defaults, and may re-declare ``pad_vocab_size_multiple`` with its own default), and what is derived from them."""
+
+    d_model: int
+    n_layer: int
+    vocab_size: int  # tokenizer vocabulary (ids ≥ it are padding rows of the embedding and are never sampled)
+    residual_in_fp32: bool = True
+    norm_eps: float = DEFAULT_NORM_EPS  # block and final RMSNorm (and any norm inside the family's mixer)
+    pad_vocab_size_multiple: int = 8
+    tie_embeddings: bool = True
 
     def check_positive_ints(self, names) -> None:
         """One-line UserError for a field of ``names`` that is not a positive integer."""

@@ -22,27 +22,22 @@ from typing import Any, ClassVar
 
 from ...errors import UserError
 from ..base import STATE_SPACES
-from ..lm_config import (DEFAULT_NORM_EPS, LMConfigMixin, check_state_spaces, hf_json, lm_from_hf,
+from ..lm_config import (DEFAULT_NORM_EPS, LMConfig, check_state_spaces, hf_json, lm_from_hf,
                          lm_from_state_spaces, released_sizes, require, state_spaces_json, to_json_checked)
 
 
 @dataclasses.dataclass(frozen=True)
-class MambaConfig(LMConfigMixin):
+class MambaConfig(LMConfig):
+    """The shared LM fields (``LMConfig``: d_model, n_layer, vocab_size, residual_in_fp32, norm_eps,
+    pad_vocab_size_multiple 8, tie_embeddings) and the Mamba-1 block's."""
     family: ClassVar[str] = "mamba1"
 
-    d_model: int
-    n_layer: int
-    vocab_size: int  # tokenizer vocabulary (ids ≥ it are padding rows of the embedding and are never sampled)
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
     dt_rank: int | str = "auto"
     conv_bias: bool = True
     bias: bool = False  # in_proj / out_proj bias
-    residual_in_fp32: bool = True
-    norm_eps: float = DEFAULT_NORM_EPS
-    pad_vocab_size_multiple: int = 8
-    tie_embeddings: bool = True
 
     def __post_init__(self):
         self.check_positive_ints(("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
