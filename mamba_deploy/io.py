@@ -165,6 +165,22 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
     return atomic_write(path, json_text(obj, indent))
 
 
+def refuse_existing_file(path: str | os.PathLike | None, option: str,
+                         ours: Callable[[Path], bool] | None = None) -> None:
+    """A single-file output named by the user (``--json FILE``, ``--state-out FILE`` …) must be a new path: an
+    existing file may be the user's data (a checkpoint's weights, the text being scored), so it is refused in one line instead
+    of being replaced — unless ``ours(path)`` recognises it as a file mamba-deploy wrote (e.g. a state file).
+    ``None`` (option not given) passes. Raises UserError."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.exists() and not (p.is_file() and ours is not None and ours(p)):
+        what = "a directory" if p.is_dir() else "an existing file"
+        raise UserError(f"{option} {p} is {what}; mamba-deploy writes only to a new path: remove it or choose another")
+    if not p.resolve().parent.is_dir():
+        raise UserError(f"{option} {p}: directory {p.parent} does not exist")
+
+
 def _contains(outer: Path, inner: Path) -> bool:
     return inner == outer or outer in inner.parents
 

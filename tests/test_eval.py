@@ -56,7 +56,7 @@ def trained(tmp_path_factory):
 
 
 def run_eval(tmp_path, *args):
-    out = tmp_path / "ppl.json"
+    out = tmp_path / f"ppl-{len(list(tmp_path.glob('ppl-*.json')))}.json"     # --json takes a new path each time
     r = CliRunner().invoke(main, ["eval", *args, "--json", str(out)])
     assert r.exit_code == 0, r.output
     return json.loads(out.read_text())

@@ -102,3 +102,35 @@ def test_exported_artifact_and_checkpoint_honour_the_umask(tmp_path):
         files = [p for p in root.iterdir() if p.is_file()]
         assert files and all(stat.S_IMODE(p.stat().st_mode) == 0o644 for p in files), \
             {p.name: oct(p.stat().st_mode) for p in files}
+
+
+def test_single_file_outputs_never_replace_existing_files(ckpt, tmp_path):
+    """--state-out, --json and --plot name new paths: an existing file (here the checkpoint's own weights, the text
+    being scored, an unrelated file) is refused in one line and left as it was."""
+    art = tmp_path / "art"
+    assert cli("export", "--model", ckpt, "--out", art).exit_code == 0
+    text = tmp_path / "t.txt"
+    text.write_text("hello world, hello mamba\n" * 4)
+    other = tmp_path / "precious.txt"
+    other.write_text("mine")
+    weights = next(ckpt.glob("*.safetensors"))
+    before = snapshot(tmp_path)
+    for args, option in (
+            (["generate", "--artifact", art, "--prompt-ids", "1,2", "-n", "2", "--state-out", weights], "--state-out"),
+            (["eval", "--artifact", art, "--text", text, "--json", text], "--json"),
+            (["bench", "--artifact", art, "--backend", "onnxruntime", "--batch", "1", "--prompt-len", "4",
+              "--max-new-tokens", "2", "--json", other], "--json"),
+            (["bench", "--artifact", art, "--backend", "onnxruntime", "--batch", "1", "--prompt-len", "4",
+              "--max-new-tokens", "2", "--plot", other], "--plot"),
+            (["check", "--artifact", art, "--steps", "2", "--json", other], "--json"),
+            (["check", "--artifact", art, "--steps", "2", "--plot", weights], "--plot")):
+        line = one_error(cli(*args))
+        assert option in line and "new path" in line, line
+    assert snapshot(tmp_path) == before
+
+
+def test_eval_refuses_an_empty_text_and_a_directory(ckpt, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    assert "is empty" in one_error(cli("eval", "--model", ckpt, "--text", empty))
+    assert "is a directory" in one_error(cli("eval", "--model", ckpt, "--text", tmp_path))

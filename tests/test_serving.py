@@ -211,6 +211,10 @@ MALFORMED = [
     ("text prompt without a tokenizer", {"json": {"model": "tiny", "prompt": "hello"}}, 400),
     ("unknown model", {"json": {"model": "gpt-17", "prompt": [1]}}, 404),
     ("max_tokens over the limit", {"json": {"model": "tiny", "prompt": [1], "max_tokens": 10 ** 9}}, 400),
+    ("seed beyond 64 bits", {"json": {"model": "tiny", "prompt": [1], "max_tokens": 2, "seed": 2 ** 64}}, 400),
+    ("seed below -2^63", {"json": {"model": "tiny", "prompt": [1], "max_tokens": 2, "seed": -2 ** 63 - 1}}, 400),
+    ("infinite temperature", {"content": b'{"model": "tiny", "prompt": [1], "temperature": 1e999}',
+                              "headers": {"content-type": "application/json"}}, 400),
 ]
 
 

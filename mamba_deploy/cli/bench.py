@@ -54,9 +54,11 @@ def command(artifact, model_ref, random_size, backends, batches, prompt_len, max
 
     from ..artifact import parse_dtype
     from ..bench import format_table, load_source, plot_decode, run_bench
-    from ..io import write_json
+    from ..io import refuse_existing_file, write_json
     from ..errors import UserError
 
+    refuse_existing_file(json_path, "--json")
+    refuse_existing_file(plot_path, "--plot")
     gen_len = max_new_tokens
     if gen_len < 1:
         raise UserError(f"--max-new-tokens must be >= 1 to time decoding, got {gen_len}")

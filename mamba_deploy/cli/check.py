@@ -55,9 +55,12 @@ def command(artifact, model_ref, backends, max_new_tokens, prompt_len, batch, se
     from ..artifact import (CHECK_DIR, CHECK_PLOT, CHECK_REPORT, DEFAULT_TOLERANCES, RELATIVE_ATOL, read_manifest,
                             tolerance_key)
     from ..checkpoint import load_model
-    from ..io import write_json
+    from ..io import refuse_existing_file, write_json
     from ..parity import format_table, polygraphy_command, run_check, write_plot
     from ..runtime.session import open_session
+
+    refuse_existing_file(json_path, "--json")
+    refuse_existing_file(plot_path, "--plot")
 
     steps = max_new_tokens
     for opt, value, low in (("--prompt-len", prompt_len, 1), ("--batch", batch, 1)):

@@ -37,9 +37,13 @@ def command(artifact, model_ref, text_path, backends, tokenizer, window, max_tok
 
     if (artifact is None) == (model_ref is None):
         raise UserError("pass exactly one of --artifact DIR or --model REF")
+    from ..io import refuse_existing_file, write_json
     text = Path(text_path)
     if not text.is_file():
-        raise UserError(f"text file {text} does not exist")
+        raise UserError(f"text file {text} " + ("is a directory" if text.is_dir() else "does not exist"))
+    if text.stat().st_size == 0:
+        raise UserError(f"text file {text} is empty; perplexity needs at least two tokens")
+    refuse_existing_file(json_path, "--json")
     tok = None
     if tokenizer:
         from .generate import load_tokenizer
@@ -71,4 +75,4 @@ def command(artifact, model_ref, text_path, backends, tokenizer, window, max_tok
     out = json.dumps(result, indent=2)
     click.echo(out)
     if json_path:
-        Path(json_path).write_text(out + "\n")
+        write_json(json_path, result)

@@ -152,8 +152,9 @@ def command(artifact, model_ref, backends, prompt_ids, prompts, tokenizer, max_n
         ids = [parse_ids(p) for p in prompt_ids] or [[]]   # no prompt: continue --state-in's stored logits
     if (state_in or state_out) and len(ids) != 1:
         raise UserError("--state-in/--state-out work on one prompt at a time")
-    if state_out and not Path(state_out).resolve().parent.is_dir():
-        raise UserError(f"--state-out {state_out}: directory {Path(state_out).parent} does not exist")
+    from ..io import refuse_existing_file
+    from ..runtime.state_io import is_state_file
+    refuse_existing_file(state_out, "--state-out", ours=is_state_file)    # a state file it wrote may be advanced
 
     options = {"device": device} if device else {}
     if backend == "onnxruntime":

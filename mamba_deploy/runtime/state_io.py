@@ -95,6 +95,16 @@ def save_state(session, state: MambaState, path, n_tokens: int, logits: torch.Te
     return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
+def is_state_file(path) -> bool:
+    """True when ``path`` is a state file ``save_state`` wrote (its safetensors metadata names STATE_FORMAT)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == STATE_FORMAT
+    except (SafetensorError, OSError, ValueError):
+        return False
+
+
 def load_state(session, path) -> SavedState:
     """Read a state file written by ``save_state`` into ``session``'s device and dtypes.
 

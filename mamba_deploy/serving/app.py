@@ -42,10 +42,10 @@ class CompletionRequest(BaseModel):
     model: StrictStr
     prompt: StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
     max_tokens: StrictInt = Field(16, ge=1)
-    temperature: Number = Field(1.0, ge=0)
-    top_p: Number = Field(1.0, gt=0, le=1)
+    temperature: Number = Field(1.0, ge=0, allow_inf_nan=False)
+    top_p: Number = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: StrictInt = Field(0, ge=0)
-    seed: StrictInt | None = None
+    seed: StrictInt | None = Field(None, ge=-2**63, le=2**64 - 1)    # the range torch.Generator.manual_seed takes
     stop: StrictStr | list[StrictStr] | None = None
     stop_token_ids: list[StrictInt] | None = None
     stream: StrictBool = False
