@@ -168,8 +168,8 @@ def write_json(path: str | os.PathLike, obj, indent: int | None = 2) -> Path:
 def refuse_existing_file(path: str | os.PathLike | None, option: str,
                          ours: Callable[[Path], bool] | None = None) -> None:
     """A single-file output named by the user (``--json FILE``, ``--state-out FILE`` …) must be a new path: an
-    existing file may be the user's data (a checkpoint's weights, the text being scored), so it is refused in one line instead
-    of being replaced — unless ``ours(path)`` recognises it as a file mamba-deploy wrote (e.g. a state file).
+    existing file may be the user's data (a checkpoint's weights, the text being scored), so it is refused in one
+    line instead of being replaced — unless ``ours(path)`` recognises it as a file mamba-deploy wrote (e.g. a state file).
     ``None`` (option not given) passes. Raises UserError."""
     if path is None:
         return
