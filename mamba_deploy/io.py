@@ -177,8 +177,6 @@ def refuse_existing_file(path: str | os.PathLike | None, option: str,
     if p.exists() and not (p.is_file() and ours is not None and ours(p)):
         what = "a directory" if p.is_dir() else "an existing file"
         raise UserError(f"{option} {p} is {what}; mamba-deploy writes only to a new path: remove it or choose another")
-    if not p.resolve().parent.is_dir():
-        raise UserError(f"{option} {p}: directory {p.parent} does not exist")
 
 
 def _contains(outer: Path, inner: Path) -> bool:

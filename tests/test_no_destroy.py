@@ -127,6 +127,9 @@ def test_single_file_outputs_never_replace_existing_files(ckpt, tmp_path):
         line = one_error(cli(*args))
         assert option in line and "new path" in line, line
     assert snapshot(tmp_path) == before
+    # a new path in a directory that does not exist yet is fine (the writer creates it, as for every output)
+    fresh = tmp_path / "results" / "ppl.json"
+    assert cli("eval", "--artifact", art, "--text", text, "--json", fresh).exit_code == 0 and fresh.is_file()
 
 
 def test_eval_refuses_an_empty_text_and_a_directory(ckpt, tmp_path):

@@ -155,6 +155,8 @@ def command(artifact, model_ref, backends, prompt_ids, prompts, tokenizer, max_n
     from ..io import refuse_existing_file
     from ..runtime.state_io import is_state_file
     refuse_existing_file(state_out, "--state-out", ours=is_state_file)    # a state file it wrote may be advanced
+    if state_out and not Path(state_out).resolve().parent.is_dir():
+        raise UserError(f"--state-out {state_out}: directory {Path(state_out).parent} does not exist")
 
     options = {"device": device} if device else {}
     if backend == "onnxruntime":
