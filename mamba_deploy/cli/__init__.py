@@ -88,6 +88,9 @@ def main():
     A typical session:
       mamba-deploy random --size tiny --out ckpt/tiny      # or use a hub id / local checkpoint
       mamba-deploy info   --model ckpt/tiny
+      mamba-deploy export --model ckpt/tiny --out export/tiny
+      mamba-deploy check  --artifact export/tiny
+      mamba-deploy generate --artifact export/tiny --prompt-ids 1,2,3 -n 16
     """
 
 

@@ -35,7 +35,7 @@ from .options import allow_nonfinite_option, dtype_option, model_option
 @allow_nonfinite_option
 def command(model_ref, out_dir, dtype, opset, all_logits, prefill_scan, scheme, quant_format, quant_block, force,
             allow_nonfinite):
-    """Export a Mamba-1 checkpoint to an ONNX artifact that ONNX Runtime and TensorRT run.
+    """Export a Mamba-1, Mamba-2 or FalconMamba checkpoint to an ONNX artifact that ONNX Runtime and TensorRT run.
 
     \b
     The artifact directory holds
@@ -43,8 +43,9 @@ def command(model_ref, out_dir, dtype, opset, all_logits, prefill_scan, scheme, 
       prefill.onnx       a sequence:  input_ids [batch, seq] + states → last logits (or all) + final states
       weights.onnx.data  the weights, shared by both graphs (external data)
       manifest.json      dims, dtypes, I/O names and shapes, ops, checksums, source checkpoint
-    The selective scan is one node per layer (mamba_deploy::SelectiveScanStep / SelectiveScan), defined as an
-    ONNX function of standard ops. It is written to a temporary directory and renamed when complete.
+    The scan is one node per layer (mamba_deploy::SelectiveScanStep / SelectiveScan; SSDScanStep / SSDScan for
+    Mamba-2), defined as an ONNX function of standard ops (--opset 27: standard LinearAttention
+    instead). It is written to a temporary directory and renamed when complete.
 
     \b
     Examples:

@@ -1,4 +1,4 @@
-"""``mamba-deploy train``: train a Mamba-1 model from a TOML config or a shipped preset."""
+"""``mamba-deploy train``: train a model of any family from a TOML config or a shipped preset."""
 from __future__ import annotations
 
 from pathlib import Path
